@@ -1,0 +1,23 @@
+"""minimixer: MLP-Mixer from scratch in NumPy, with hand-written forward and backward passes.
+
+    import minimixer as mm
+    cfg = mm.get_config("mixer_b16_224")
+    params = mm.load_weights("model.safetensors", cfg)        # timm's file, timm's names
+    logits = mm.predict(params, images, cfg)                   # images (B, 3, 224, 224)
+    logits, cache = mm.mixer_forward(params, images, cfg)
+    dx, grads = mm.mixer_backward(dlogits, cache)             # grads keyed like params
+"""
+from .backend import BackendError, cupy_available, get_xp, to_backend, to_numpy
+from .config import PRESETS, MixerConfig, get_config, param_count, param_shapes
+from .model import mixer_backward, mixer_forward, predict
+from .params import init_params
+from .weights import load_weights, save_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError", "MixerConfig", "PRESETS",
+    "cupy_available", "get_config", "get_xp", "init_params", "load_weights",
+    "mixer_backward", "mixer_forward", "param_count", "param_shapes", "predict",
+    "save_weights", "to_backend", "to_numpy",
+]
