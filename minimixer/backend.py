@@ -92,7 +92,7 @@ FLOAT_DTYPES = ("float16", "float32", "float64")
 def float_dtype(dtype):
     """np.dtype for a float dtype name or object; anything else is a ValueError."""
     try:
-        dt = np.dtype(dtype)
+        dt = None if dtype is None else np.dtype(dtype)
     except TypeError:
         dt = None
     if dt is None or dt.name not in FLOAT_DTYPES:

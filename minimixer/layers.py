@@ -199,6 +199,9 @@ def token_mixing_forward(x, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6
     Inputs:  x (B, N, D), norm_w norm_b (D,), fc1_w (DS, N), fc1_b (DS,), fc2_w (N, DS), fc2_b (N,)
     Returns: out (B, N, D), cache = (norm_cache, mlp_cache)
     fc1 has N inputs: the token MLP is tied to the number of patches, so to the resolution.
+    A curiosity: fc2's bias adds one constant per token across all D channels, and every
+    consumer of the residual stream is a LayerNorm over D, which removes exactly that.
+    So fc2_b never changes the logits, and its gradient is zero up to rounding.
     """
     y, norm_cache = layernorm_forward(x, norm_w, norm_b, eps)  # (B, N, D)
     yt = y.transpose(0, 2, 1)  # (B, D, N) each channel becomes a row of N tokens

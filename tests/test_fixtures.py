@@ -17,22 +17,24 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = ["tiny_erf_f64", "tiny_tanh_f64", "small_erf_f32"]
 
 
-def load_case(name):
+def load_case(name, backend="numpy"):
     ref = np.load(os.path.join(FIXTURES, f"{name}.npz"))
     kwargs = json.loads(str(ref["config"]))
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     cfg = mm.MixerConfig(**kwargs)
     dtype = ref["x"].dtype
-    params = mm.load_weights(os.path.join(FIXTURES, f"{name}.safetensors"), cfg, dtype=dtype)
+    params = mm.load_weights(os.path.join(FIXTURES, f"{name}.safetensors"), cfg, dtype=dtype, backend=backend)
     return cfg, params, ref
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_logits_and_grads_match_timm(name):
-    cfg, params, ref = load_case(name)
+def test_logits_and_grads_match_timm(name, backend):
+    cfg, params, ref = load_case(name, backend)
     f64 = ref["x"].dtype == np.float64
-    logits, cache = mm.mixer_forward(params, ref["x"], cfg)
-    dx, grads = mm.mixer_backward(ref["dlogits"], cache)
+    x, dlogits = mm.to_backend(ref["x"], backend), mm.to_backend(ref["dlogits"], backend)
+    logits, cache = mm.mixer_forward(params, x, cfg)
+    dx, grads = mm.mixer_backward(dlogits, cache)
+    logits, dx, grads = mm.to_numpy(logits), mm.to_numpy(dx), mm.to_numpy(grads)
     assert set(grads) == set(params)
     # float64: the same math up to summation order; float32: timm's erf and BLAS differ in the last bits
     assert_all_close([("logits", logits, ref["logits"])], 1e-12 if f64 else 1e-5)
@@ -41,7 +43,8 @@ def test_logits_and_grads_match_timm(name):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_predict_matches_forward(name):
-    cfg, params, ref = load_case(name)
-    logits, _ = mm.mixer_forward(params, ref["x"], cfg)
-    assert_all_close([("predict vs forward", mm.predict(params, ref["x"], cfg), logits)], 0.0)
+def test_predict_matches_forward(name, backend):
+    cfg, params, ref = load_case(name, backend)
+    x = mm.to_backend(ref["x"], backend)
+    logits, _ = mm.mixer_forward(params, x, cfg)
+    assert_all_close([("predict vs forward", mm.to_numpy(mm.predict(params, x, cfg)), mm.to_numpy(logits))], 0.0)

@@ -12,18 +12,30 @@ from timm.models.mlp_mixer import MlpMixer
 
 
 def timm_mixer(cfg, *, seed=0, dtype=torch.float32):
-    """timm's MlpMixer for cfg, with every tensor perturbed away from timm's init.
-
-    timm zero-initializes the head and all biases and sets LayerNorms to 1/0, so a
-    fresh model would hide bugs in those paths: here every tensor gets seeded noise.
-    """
+    """timm's MlpMixer for cfg, with deterministic non-trivial weights (see perturb)."""
     torch.manual_seed(seed)
     act = partial(nn.GELU, approximate="tanh") if cfg.gelu == "tanh" else nn.GELU
     model = MlpMixer(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
                      patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
                      mlp_ratio=cfg.mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=cfg.ln_eps),
                      act_layer=act)
+    return perturb(model, seed).to(dtype).eval()
+
+
+def timm_registered(name, *, seed=0):
+    """timm.create_model(name) (no download), with deterministic non-trivial weights."""
+    torch.manual_seed(seed)
+    return perturb(timm.create_model(name, pretrained=False), seed).eval()
+
+
+def perturb(model, seed):
+    """Every tensor moved away from timm's init, deterministically.
+
+    timm zero-initializes the head and all biases and sets LayerNorms to 1/0, so a
+    fresh model would hide bugs in those paths.
+    """
     gen = torch.Generator().manual_seed(seed + 1)
+    embed_dim = model.embed_dim
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
@@ -32,10 +44,10 @@ def timm_mixer(cfg, *, seed=0, dtype=torch.float32):
             elif "norm" in name:  # LayerNorm weights
                 p.copy_(1.0 + 0.2 * noise)
             elif name == "head.weight":
-                p.copy_(noise / np.sqrt(cfg.embed_dim))
+                p.copy_(noise / np.sqrt(embed_dim))
             else:  # keep timm's init scale for the stem and block linears, plus a little noise
                 p.add_(0.01 * noise)
-    return model.to(dtype).eval()
+    return model
 
 
 def timm_forward_backward(model, x, dlogits):
