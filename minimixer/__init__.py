@@ -9,9 +9,11 @@
 """
 from .backend import BackendError, cupy_available, get_xp, to_backend, to_numpy
 from .config import PRESETS, MixerConfig, get_config, param_count, param_shapes
+from .layers import softmax_cross_entropy
 from .model import mixer_backward, mixer_forward, predict
 from .params import init_params
 from .weights import load_weights, save_weights
+from . import optim
 
 __version__ = "0.1.0"
 
@@ -19,5 +21,5 @@ __all__ = [
     "BackendError", "MixerConfig", "PRESETS",
     "cupy_available", "get_config", "get_xp", "init_params", "load_weights",
     "mixer_backward", "mixer_forward", "param_count", "param_shapes", "predict",
-    "save_weights", "to_backend", "to_numpy",
+    "save_weights", "softmax_cross_entropy", "to_backend", "to_numpy",
 ]

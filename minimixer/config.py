@@ -85,7 +85,7 @@ def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-# The paper's Table 1, under timm's names (timm registers all but H/14).
+# The paper's Table 1, under timm's names (timm registers all but H/14), plus one for the digits.
 PRESETS = {
     "mixer_s32_224": dict(patch_size=32, num_blocks=8, embed_dim=512),
     "mixer_s16_224": dict(patch_size=16, num_blocks=8, embed_dim=512),
@@ -94,6 +94,8 @@ PRESETS = {
     "mixer_l32_224": dict(patch_size=32, num_blocks=24, embed_dim=1024),
     "mixer_l16_224": dict(patch_size=16, num_blocks=24, embed_dim=1024),
     "mixer_h14_224": dict(patch_size=14, num_blocks=32, embed_dim=1280),
+    # not in the paper: a small Mixer for the bundled 8x8 digits (weights/README.md)
+    "mixer_digits": dict(num_classes=10, img_size=8, in_chans=1, patch_size=2, num_blocks=4, embed_dim=64),
 }
 
 

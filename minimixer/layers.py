@@ -257,26 +257,31 @@ CHANNEL_MIXING_KEYS = ("norm2.weight", "norm2.bias",
 BLOCK_KEYS = TOKEN_MIXING_KEYS + CHANNEL_MIXING_KEYS
 
 
-def mixer_block_forward(x, p, eps=1e-6, gelu="erf"):
+def mixer_block_forward(x, p, eps=1e-6, gelu="erf", drop_path=0.0, rng=None):
     """x + token mixing, then + channel mixing (the paper's equations 1 and 2).
 
-    Inputs:  x (B, N, D); p, the block's parameters keyed as in BLOCK_KEYS
-    Returns: out (B, N, D), cache = (token_cache, channel_cache)
+    Inputs:  x (B, N, D); p, the block's parameters keyed as in BLOCK_KEYS;
+             drop_path, the stochastic-depth rate, applied only when a NumPy Generator rng is given
+    Returns: out (B, N, D), cache = (token_cache, token_drop, channel_cache, channel_drop)
     """
     t, token_cache = token_mixing_forward(x, *(p[k] for k in TOKEN_MIXING_KEYS), eps, gelu)  # (B, N, D)
+    t, token_drop = drop_path_forward(t, drop_path, rng)  # (B, N, D)
     u = x + t  # (B, N, D)
     c, channel_cache = channel_mixing_forward(u, *(p[k] for k in CHANNEL_MIXING_KEYS), eps, gelu)  # (B, N, D)
+    c, channel_drop = drop_path_forward(c, drop_path, rng)  # (B, N, D)
     out = u + c  # (B, N, D)
-    cache = (token_cache, channel_cache)
+    cache = (token_cache, token_drop, channel_cache, channel_drop)
     return out, cache
 
 
 def mixer_block_backward(dout, cache):
     """Returns dx (B, N, D) and the block's gradients, a dict keyed as in BLOCK_KEYS."""
-    token_cache, channel_cache = cache
-    du, *dchannel = channel_mixing_backward(dout, channel_cache)  # (B, N, D)
+    token_cache, token_drop, channel_cache, channel_drop = cache
+    dc = drop_path_backward(dout, channel_drop)  # (B, N, D)
+    du, *dchannel = channel_mixing_backward(dc, channel_cache)  # (B, N, D)
     du += dout  # (B, N, D) the residual passes dout straight through
-    dx, *dtoken = token_mixing_backward(du, token_cache)  # (B, N, D)
+    dt = drop_path_backward(du, token_drop)  # (B, N, D)
+    dx, *dtoken = token_mixing_backward(dt, token_cache)  # (B, N, D)
     dx += du  # (B, N, D)
     grads = dict(zip(TOKEN_MIXING_KEYS, dtoken)) | dict(zip(CHANNEL_MIXING_KEYS, dchannel))
     return dx, grads
@@ -300,3 +305,83 @@ def mean_pool_backward(dout, cache):
     xp = get_xp(dout)
     dx = xp.repeat(dout[:, None, :] / num_tokens, num_tokens, axis=1)  # (B, N, D)
     return dx
+
+
+# ----------------------------------------------------------------------------
+# regularizers, active only in training (when a NumPy Generator `rng` is passed)
+
+def _keep_mask(shape, rate, rng, like):
+    """Bernoulli(1 - rate) keep mask divided by (1 - rate), drawn on the host so that
+    NumPy and CuPy runs see the same random numbers."""
+    keep = 1.0 - rate
+    mask = (rng.random(shape) < keep) / keep  # float64 on the host
+    return get_xp(like).asarray(mask, dtype=like.dtype)
+
+
+def dropout_forward(x, rate, rng=None):
+    """Inputs:  x (...), rate in [0, 1), rng a numpy.random.Generator or None (eval: identity)
+    Returns: out (...), cache = (mask,) with mask (...) or None
+    """
+    if rng is None or rate == 0.0:
+        return x, (None,)
+    mask = _keep_mask(x.shape, rate, rng, x)  # (...)
+    return x * mask, (mask,)
+
+
+def dropout_backward(dout, cache):
+    (mask,) = cache
+    return dout if mask is None else dout * mask
+
+
+def drop_path_forward(x, rate, rng=None):
+    """Stochastic depth: drop a residual branch for whole samples (timm's DropPath).
+
+    Inputs:  x (B, ...), rate in [0, 1), rng a numpy.random.Generator or None (eval: identity)
+    Returns: out (B, ...), cache = (mask,) with mask (B, 1, ...) or None
+    """
+    if rng is None or rate == 0.0:
+        return x, (None,)
+    mask = _keep_mask((x.shape[0],) + (1,) * (x.ndim - 1), rate, rng, x)  # (B, 1, ...)
+    return x * mask, (mask,)
+
+
+def drop_path_backward(dout, cache):
+    (mask,) = cache
+    return dout if mask is None else dout * mask
+
+
+# ----------------------------------------------------------------------------
+# the loss: softmax cross-entropy, mean over the batch
+
+def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
+    """Loss and its gradient in one call, as torch.nn.functional.cross_entropy computes the loss.
+
+    Inputs:  logits (B, K); labels (B,) class indices, or (B, K) soft targets (mixup);
+             label_smoothing ε: targets become (1 - ε)·target + ε/K
+    Returns: loss (a Python float), dlogits (B, K)
+    """
+    xp = get_xp(logits, labels)
+    B, K = logits.shape
+    if labels.ndim == 1:
+        labels = labels.astype(xp.int64, copy=False)
+        if labels.shape[0] != B:
+            raise ValueError(f"got {labels.shape[0]} labels for {B} logits rows")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= K:
+            raise ValueError(f"labels must be class indices in [0, {K}), got values in [{low}, {high}]")
+        target = xp.zeros_like(logits)  # (B, K)
+        target[xp.arange(B), labels] = 1.0
+    elif labels.shape == (B, K):
+        target = labels.astype(logits.dtype, copy=False)  # (B, K)
+    else:
+        raise ValueError(f"labels must have shape ({B},) or ({B}, {K}), got {labels.shape}")
+    if label_smoothing:
+        target = target * (1.0 - label_smoothing) + label_smoothing / K  # (B, K)
+    shifted = logits - logits.max(axis=1, keepdims=True)  # (B, K) stable: exp(<= 0)
+    exp = xp.exp(shifted)  # (B, K)
+    total = exp.sum(axis=1, keepdims=True)  # (B, 1)
+    logprobs = shifted - xp.log(total)  # (B, K)
+    loss = -float((target * logprobs).sum()) / B
+    # d/dlogits of -Σ t·log softmax = softmax·Σt - t (Σt = 1 for proper targets)
+    dlogits = (exp / total * target.sum(axis=1, keepdims=True) - target) / B  # (B, K)
+    return loss, dlogits

@@ -1,0 +1,54 @@
+"""Shared command-line plumbing: one-line errors with exit status 2, and model/config flags."""
+import argparse
+import sys
+
+from .backend import BackendError
+from .config import PRESETS, get_config
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (no usage dump) and exits with status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class UserError(Exception):
+    """A mistake in the user's input: reported as one line, exit status 2, no traceback."""
+
+
+def run(main, argv=None, prog="minimixer"):
+    """Call main(argv); turn user-facing errors into one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except (UserError, ValueError, OSError, BackendError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def add_model_args(p, default_model):
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=default_model, help=f"preset: {', '.join(PRESETS)} (default {default_model})")
+    g.add_argument("--num-classes", type=int)
+    g.add_argument("--img-size", type=int)
+    g.add_argument("--in-chans", type=int)
+    g.add_argument("--patch-size", type=int)
+    g.add_argument("--num-blocks", type=int)
+    g.add_argument("--embed-dim", type=int)
+    g.add_argument("--mlp-ratio", type=float, nargs=2, metavar=("TOKEN", "CHANNEL"))
+    g.add_argument("--ln-eps", type=float)
+    g.add_argument("--gelu", choices=["erf", "tanh"])
+
+
+OVERRIDES = ("num_classes", "img_size", "in_chans", "patch_size", "num_blocks", "embed_dim",
+             "mlp_ratio", "ln_eps", "gelu")
+
+
+def config_from_args(args, **defaults):
+    """get_config(args.model) with the override flags that were given (and defaults for the rest)."""
+    overrides = dict(defaults)
+    overrides.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
+    if overrides.get("mlp_ratio") is not None:
+        overrides["mlp_ratio"] = tuple(overrides["mlp_ratio"])
+    return get_config(args.model, **overrides)
