@@ -12,7 +12,7 @@ from .config import PRESETS, MixerConfig, get_config, param_count, param_shapes
 from .layers import softmax_cross_entropy
 from .model import mixer_backward, mixer_forward, predict
 from .params import init_params
-from .weights import load_weights, save_weights
+from .weights_io import load_weights, save_weights
 from . import optim
 
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@ import argparse
 import sys
 
 from .backend import BackendError
-from .config import PRESETS, get_config
+from .config import PRESETS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -29,7 +29,8 @@ def run(main, argv=None, prog="minimixer"):
 
 def add_model_args(p, default_model):
     g = p.add_argument_group("model")
-    g.add_argument("--model", default=default_model, help=f"preset: {', '.join(PRESETS)} (default {default_model})")
+    g.add_argument("--model", default=default_model,
+                   help=f"a preset ({', '.join(PRESETS)}) or a pretrained tag (python -m minimixer.weights list)")
     g.add_argument("--num-classes", type=int)
     g.add_argument("--img-size", type=int)
     g.add_argument("--in-chans", type=int)
@@ -46,9 +47,11 @@ OVERRIDES = ("num_classes", "img_size", "in_chans", "patch_size", "num_blocks", 
 
 
 def config_from_args(args, **defaults):
-    """get_config(args.model) with the override flags that were given (and defaults for the rest)."""
+    """The config of --model (a preset or a pretrained tag) with the override flags that were
+    given, and `defaults` for the rest."""
+    from .pretrained import resolve
     overrides = dict(defaults)
     overrides.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
     if overrides.get("mlp_ratio") is not None:
         overrides["mlp_ratio"] = tuple(overrides["mlp_ratio"])
-    return get_config(args.model, **overrides)
+    return resolve(args.model)[0].replace(**overrides)

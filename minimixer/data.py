@@ -19,7 +19,7 @@ DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
 def load_digits():
-    """The 1,797 8×8 handwritten digits (scikit-learn's copy of the UCI set; see assets/DIGITS_README.md).
+    """The 1,797 8×8 handwritten digits (scikit-learn's copy of the UCI set; see assets/README.md).
 
     Returns images (1797, 1, 8, 8) uint8 in 0..16 and labels (1797,) int64.
     """
@@ -102,11 +102,12 @@ def find_images(root):
     return samples, classes
 
 
-def open_rgb(path):
-    """Decode an image as timm does: any mode (L, LA, RGBA, P, CMYK, I;16, ...) -> RGB."""
+def open_image(path, mode="RGB"):
+    """Decode an image as timm does, Image.open(f).convert('RGB'): any mode (L, LA, RGBA, P,
+    CMYK, I;16, ...) becomes RGB. One-channel models ask for mode 'L'."""
     with open(path, "rb") as f:
         img = Image.open(f)
-        return img.convert("RGB")
+        return img.convert(mode)
 
 
 class ImageLoader:
@@ -118,8 +119,8 @@ class ImageLoader:
     """
 
     def __init__(self, samples, transform, batch_size, *, shuffle=False, seed=0, workers=4,
-                 drop_last=False, strict=False, on_error=None):
-        self.samples, self.transform = samples, transform
+                 drop_last=False, strict=False, on_error=None, mode="RGB"):
+        self.samples, self.transform, self.mode = samples, transform, mode
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.workers, self.drop_last, self.strict = max(1, workers), drop_last, strict
         self.on_error = on_error
@@ -132,7 +133,7 @@ class ImageLoader:
         path, label = self.samples[i]
         try:
             rng = np.random.default_rng([self.seed, epoch, i])
-            return self.transform(open_rgb(path), rng), label
+            return self.transform(open_image(path, self.mode), rng), label
         except Exception as e:  # noqa: BLE001 - any decoding failure is reported by file name
             if self.strict:
                 raise ValueError(f"cannot read image {path}: {e}") from None
@@ -163,14 +164,16 @@ class ImageLoader:
 # --- transforms ----------------------------------------------------------------------
 
 INTERPOLATIONS = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
-                  "lanczos": Image.LANCZOS}
+                  "lanczos": Image.LANCZOS, "box": Image.BOX}
 
 
 def to_normalized_array(img, mean, std):
-    """PIL RGB -> (3, H, W) float32: /255, then (x - mean)/std, in float32 as torchvision does."""
-    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)  # (H, W, 3)
+    """PIL RGB or L -> (C, H, W) float32: /255, then (x - mean)/std, in float32 as torchvision does."""
+    x = np.asarray(img, dtype=np.uint8).astype(np.float32) / np.float32(255)  # (H, W, C) or (H, W)
+    if x.ndim == 2:
+        x = x[:, :, None]  # (H, W, 1)
     x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (3, H, W)
+    return np.ascontiguousarray(x.transpose(2, 0, 1))  # (C, H, W)
 
 
 def resize_shorter(img, size, interpolation):
@@ -233,3 +236,57 @@ def train_transform(img_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=
         return to_normalized_array(img, mean, std)
 
     return transform
+
+
+# --- flat folders with a label file (ImageNet val) ---------------------------------------
+
+def read_label_file(path, image_files, wnid_index=None):
+    """Labels for the images of a flat folder, from one of the common label files:
+
+    - LOC_val_solution.csv (Kaggle): 'ImageId,PredictionString', the wnid is the first token;
+    - 'filename label' lines (space, tab or comma separated), label an index or a wnid;
+    - one label per line, in sorted filename order (e.g. a wnid per line for ImageNet val).
+
+    image_files: the folder's image file names. wnid_index: {wnid: class index} for wnid labels.
+    Returns a list of class indices, one per image file.
+    """
+    with open(path) as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: empty label file")
+
+    def to_index(label, where):
+        if label.lstrip("-").isdigit():
+            return int(label)
+        if wnid_index is not None and label in wnid_index:
+            return wnid_index[label]
+        raise ValueError(f"{path}: {where}: unknown label {label!r} (expected a class index"
+                         + (" or an ImageNet-1k wnid)" if wnid_index is not None else ")"))
+
+    if lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
+        by_file = {}
+        for n, line in enumerate(lines[1:], 2):
+            image_id, _, prediction = line.partition(",")
+            if not prediction.split():
+                raise ValueError(f"{path}: line {n}: no label in {line!r}")
+            by_file[image_id] = to_index(prediction.split()[0], f"line {n}")
+        return _labels_for(image_files, by_file, path)
+    fields = [line.replace(",", " ").split() for line in lines]
+    if all(len(f) == 2 for f in fields):
+        by_file = {}
+        for n, (name, label) in enumerate(fields, 1):
+            by_file[os.path.splitext(os.path.basename(name))[0]] = to_index(label, f"line {n}")
+        return _labels_for(image_files, by_file, path)
+    if all(len(f) == 1 for f in fields):
+        if len(fields) != len(image_files):
+            raise ValueError(f"{path}: {len(fields)} labels (one per line) for {len(image_files)} images")
+        return [to_index(f[0], f"line {n}") for n, f in enumerate(fields, 1)]
+    raise ValueError(f"{path}: unrecognized label file: expected LOC_val_solution.csv, "
+                     "'filename label' lines, or one label per line")
+
+
+def _labels_for(image_files, by_file, path):
+    missing = [f for f in image_files if os.path.splitext(f)[0] not in by_file]
+    if missing:
+        raise ValueError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[0]}")
+    return [by_file[os.path.splitext(f)[0]] for f in image_files]

@@ -24,7 +24,7 @@ from .config import MixerConfig
 from .layers import softmax_cross_entropy
 from .model import mixer_backward, mixer_forward, predict
 from .optim import SGD, AdamW, bias_and_norm, clip_grad_norm, lr_at
-from .weights import atomic_write_bytes, read_safetensors, save_weights
+from .weights_io import atomic_write_bytes, read_safetensors, save_weights
 
 CHECKPOINT_FORMAT = "minimixer-checkpoint-1"
 

@@ -266,3 +266,25 @@ def test_shipped_digits_model_accuracy():
     result = evaluate(params, cfg, ArrayLoader(x_test, y_test, 128))
     print(f"shipped digits model: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on {result['count']}")
     assert result["count"] == 355 and result["top1"] >= 97.0
+
+
+def test_train_on_image_folder(tmp_path):
+    """DIR/train and DIR/val class folders: decoded by the thread pool, classes counted from folders."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 8), ("val", 3)):
+        for c, color in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+            (tmp_path / "data" / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                noisy = np.clip(np.array(color) + rng.normal(0, 20, (40, 48, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(noisy).save(tmp_path / "data" / split / f"class{c}" / f"{i}.jpg")
+    out = tmp_path / "run"
+    r = run_cli("--model", "mixer_s32_224", "--img-size", "32", "--embed-dim", "8", "--num-blocks", "1",
+                "--data", str(tmp_path / "data"), "--epochs", "2", "--batch-size", "4", "--workers", "2",
+                "--out", str(out), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    metrics = json.load(open(out / "metrics.json"))
+    assert len(metrics) == 2 and metrics[0]["step"] == 6  # 24 images, batch 4, drop_last
+    params = mm.load_weights(out / "model.safetensors",
+                             mm.get_config("mixer_s32_224", img_size=32, embed_dim=8, num_blocks=1, num_classes=3))
+    assert params["head.weight"].shape == (3, 8)

@@ -1,0 +1,185 @@
+"""python -m minimixer.eval: top-1/top-5 accuracy of a Mixer, in the style of timm's validate.py.
+
+    python -m minimixer.eval                                  # the bundled digits model, offline
+    python -m minimixer.eval --model mixer_b16_224 --weights auto --data /data/imagenet/val
+    python -m minimixer.eval --model mixer_b16_224 --weights W.safetensors --data val/ --labels LOC_val_solution.csv
+
+DIR is either in ImageFolder layout (class subfolders; sorted names give the class
+index, as in timm; ImageNet wnid folders map to ImageNet-1k indices), or a flat folder
+of images with a label file.
+"""
+import csv
+import io
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from . import cli
+from .backend import to_backend, to_numpy, xp_for
+from .config import param_count
+from .data import IMG_EXTENSIONS, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, read_label_file
+from .model import predict
+from .pretrained import WeightsNotFound, data_config, find_weights, imagenet_classes
+from .weights_io import atomic_write_bytes, load_weights
+
+RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
+                  "interpolation", "count", "skipped", "img_per_sec"]
+LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt")
+
+
+def parse_args(argv):
+    p = cli.ArgumentParser(prog="python -m minimixer.eval", description=__doc__.split("\n")[0])
+    cli.add_model_args(p, default_model="mixer_digits")
+    p.add_argument("--weights", default="auto", help="a safetensors file, or 'auto' (bundled, ./weights/, or download)")
+    p.add_argument("--data", default="digits", help="'digits' (bundled held-out split) or an image folder")
+    p.add_argument("--labels", metavar="FILE", help="label file for a flat image folder")
+    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
+    p.add_argument("--results-file", metavar="F", help="write the results row to F.json or F.csv")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image instead of skipping it")
+    g = p.add_argument_group("preprocessing (defaults: the checkpoint's own)")
+    g.add_argument("--mean", type=float, nargs="+")
+    g.add_argument("--std", type=float, nargs="+")
+    g.add_argument("--crop-pct", type=float)
+    g.add_argument("--interpolation", choices=["bicubic", "bilinear", "nearest", "lanczos", "box"])
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in ("batch_size", "workers"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.limit is not None and args.limit < 1:
+        p.error("--limit must be >= 1")
+    if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
+        p.error("--crop-pct must be in (0, 1]")
+    if args.results_file and not args.results_file.endswith((".json", ".csv")):
+        p.error("--results-file must end in .json or .csv")
+    return args
+
+
+def build_loader(args, cfg, dcfg, on_error):
+    """(loader, number of images) for --data."""
+    if args.data == "digits":
+        if (cfg.in_chans, *cfg.image_hw) != (1, 8, 8):
+            raise cli.UserError(f"the digits are 1x8x8 images; --model {args.model} takes "
+                                f"{cfg.in_chans}x{cfg.image_hw[0]}x{cfg.image_hw[1]} (pass --data DIR)")
+        _, _, x, y = digits_split()
+        x, y = x[:args.limit], y[:args.limit]
+        return ArrayLoader(x, y, args.batch_size), len(y)
+    if not os.path.isdir(args.data):
+        raise cli.UserError(f"--data: no such directory: {args.data}")
+    if len(dcfg.mean) != cfg.in_chans or len(dcfg.std) != cfg.in_chans:
+        raise cli.UserError(f"--mean/--std need {cfg.in_chans} values for this model")
+    wnid_index = {wnid: i for i, (wnid, _) in enumerate(imagenet_classes())} if cfg.num_classes == 1000 else None
+    subdirs = [e.name for e in os.scandir(args.data) if e.is_dir() and not e.name.startswith(".")]
+    if subdirs and not args.labels:
+        samples, classes = find_images(args.data)
+        if wnid_index and all(c in wnid_index for c in classes):  # ImageNet folders: wnid -> ImageNet index
+            samples = [(path, wnid_index[classes[i]]) for path, i in samples]
+        elif len(classes) > cfg.num_classes:
+            raise cli.UserError(f"{args.data} has {len(classes)} class folders but the model has {cfg.num_classes} classes")
+    else:
+        files = sorted(f for f in os.listdir(args.data) if f.lower().endswith(IMG_EXTENSIONS))
+        if not files:
+            raise cli.UserError(f"{args.data}: no class subfolders and no images")
+        label_file = args.labels or next((os.path.join(d, n) for n in LABEL_FILE_NAMES
+                                          for d in (args.data, os.path.dirname(os.path.abspath(args.data)))
+                                          if os.path.exists(os.path.join(d, n))), None)
+        if label_file is None:
+            raise cli.UserError(f"{args.data} is a flat folder of images: pass --labels FILE "
+                                "(LOC_val_solution.csv, 'filename label' lines, or one label per line)")
+        labels = read_label_file(label_file, files, wnid_index)
+        bad = [v for v in labels if not 0 <= v < cfg.num_classes]
+        if bad:
+            raise cli.UserError(f"{label_file}: label {bad[0]} is outside the model's {cfg.num_classes} classes")
+        samples = [(os.path.join(args.data, f), v) for f, v in zip(files, labels)]
+    samples = samples[:args.limit]
+    size = cfg.image_hw[0]
+    transform = eval_transform(size, crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
+                               mean=dcfg.mean, std=dcfg.std)
+    loader = ImageLoader(samples, transform, args.batch_size, workers=args.workers, strict=args.strict,
+                         on_error=on_error, mode="L" if cfg.in_chans == 1 else "RGB")
+    return loader, len(samples)
+
+
+def results_row(args, cfg, dcfg, correct1, correct5, count, skipped, seconds):
+    top1 = 100.0 * correct1 / max(count, 1)
+    top5 = 100.0 * correct5 / max(count, 1)
+    return {"model": args.model, "top1": round(top1, 4), "top1_err": round(100 - top1, 4),
+            "top5": round(top5, 4), "top5_err": round(100 - top5, 4),
+            "param_count": round(param_count(cfg) / 1e6, 2), "img_size": cfg.image_hw[0],
+            "crop_pct": dcfg.crop_pct, "interpolation": dcfg.interpolation,
+            "count": count, "skipped": skipped, "img_per_sec": round(count / max(seconds, 1e-9), 2)}
+
+
+def write_results(path, row):
+    if path.endswith(".json"):
+        data = json.dumps(row, indent=2).encode()
+    else:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=RESULT_COLUMNS)
+        writer.writeheader()
+        writer.writerow(row)
+        data = buf.getvalue().encode()
+    atomic_write_bytes(path, data)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = cli.config_from_args(args)
+    dcfg = data_config(args.model, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
+                       interpolation=args.interpolation)
+    xp_for(args.backend)  # a clear error now if the GPU is missing
+    skipped = []
+
+    def on_error(path, exc):
+        skipped.append(path)
+        print(f"skipping unreadable image {path}: {exc}", file=sys.stderr)
+
+    loader, total = build_loader(args, cfg, dcfg, on_error)
+    try:
+        weights = find_weights(args.model, args.weights)
+    except WeightsNotFound as e:
+        raise cli.UserError(str(e)) from None
+    params = load_weights(weights, cfg, backend=args.backend)
+
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=total, unit="img", desc=f"eval {args.model}", dynamic_ncols=True, file=sys.stderr)
+    correct1 = correct5 = count = 0
+    interrupted = False
+    start = time.perf_counter()
+    try:
+        for x, y in loader.batches():
+            logits = to_numpy(predict(params, to_backend(x, args.backend), cfg))
+            top5 = np.argsort(-logits, axis=1)[:, :5]
+            correct1 += int((top5[:, 0] == y).sum())
+            correct5 += int((top5 == y[:, None]).any(axis=1).sum())
+            count += len(y)
+            if bar is not None:
+                bar.update(len(y))
+                bar.set_postfix(acc1=f"{100 * correct1 / count:.2f}", acc5=f"{100 * correct5 / count:.2f}")
+    except KeyboardInterrupt:
+        interrupted = True
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+
+    row = results_row(args, cfg, dcfg, correct1, correct5, count, len(skipped), seconds)
+    if interrupted:
+        print(f"interrupted after {count} of {total} images: partial results", file=sys.stderr)
+    print(f" * Acc@1 {row['top1']:.3f} ({row['top1_err']:.3f}) Acc@5 {row['top5']:.3f} ({row['top5_err']:.3f})")
+    print(f"   {args.model}  weights {weights}  images {count}  skipped {len(skipped)}  "
+          f"params {row['param_count']}M  {row['img_per_sec']:.1f} img/s  backend {args.backend}")
+    if args.results_file:
+        write_results(args.results_file, row)
+    return 130 if interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main, prog="python -m minimixer.eval"))

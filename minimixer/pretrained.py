@@ -1,0 +1,174 @@
+"""Pretrained checkpoints: which weights, which preprocessing, which class names.
+
+This is the one place that says how each model's inputs are prepared (mean, std,
+crop_pct, interpolation) and where its weights come from. The values are timm's
+pretrained_cfg for the same tags (timm/models/mlp_mixer.py default_cfgs).
+
+    python -m minimixer.weights download mixer_b16_224      # into the Hugging Face cache
+    python -m minimixer.weights list
+"""
+import os
+import sys
+from dataclasses import dataclass, replace
+from importlib import resources
+
+from .config import PRESETS, get_config
+
+HF_FILENAME = "model.safetensors"
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_DIGITS = os.path.join(PACKAGE_ROOT, "weights", "mixer_digits.safetensors")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How images are prepared for a model (timm's eval transform settings)."""
+    mean: tuple = (0.5, 0.5, 0.5)
+    std: tuple = (0.5, 0.5, 0.5)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    tag: str  # timm's model.tag name
+    model: str  # the preset
+    num_classes: int
+    data: DataConfig
+    repo_id: str | None  # Hugging Face hub repository, None for bundled weights
+    labels: str  # 'imagenet1k', 'digits' or 'index'
+
+
+GOOGLE = DataConfig()
+CHECKPOINTS = {p.tag: p for p in [
+    Pretrained("mixer_b16_224.goog_in21k_ft_in1k", "mixer_b16_224", 1000, GOOGLE,
+               "timm/mixer_b16_224.goog_in21k_ft_in1k", "imagenet1k"),
+    Pretrained("mixer_l16_224.goog_in21k_ft_in1k", "mixer_l16_224", 1000, GOOGLE,
+               "timm/mixer_l16_224.goog_in21k_ft_in1k", "imagenet1k"),
+    Pretrained("mixer_b16_224.goog_in21k", "mixer_b16_224", 21843, GOOGLE, "timm/mixer_b16_224.goog_in21k", "index"),
+    Pretrained("mixer_l16_224.goog_in21k", "mixer_l16_224", 21843, GOOGLE, "timm/mixer_l16_224.goog_in21k", "index"),
+    Pretrained("mixer_b16_224.miil_in21k_ft_in1k", "mixer_b16_224", 1000,
+               DataConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear"),
+               "timm/mixer_b16_224.miil_in21k_ft_in1k", "imagenet1k"),
+    # the bundled 8x8 digits model: one channel, no crop; 'box' averages pixels like the
+    # digits' own 4x4-block counting
+    Pretrained("mixer_digits", "mixer_digits", 10,
+               DataConfig(mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="box"), None, "digits"),
+]}
+DEFAULT_TAG = {"mixer_b16_224": "mixer_b16_224.goog_in21k_ft_in1k",
+               "mixer_l16_224": "mixer_l16_224.goog_in21k_ft_in1k"}
+
+
+def resolve(name):
+    """(MixerConfig, DataConfig, Pretrained or None) for a preset or a model.tag name."""
+    tag = DEFAULT_TAG.get(name, name)
+    if tag in CHECKPOINTS:
+        ck = CHECKPOINTS[tag]
+        return get_config(ck.model, num_classes=ck.num_classes), ck.data, ck
+    if name in PRESETS:
+        return get_config(name), GOOGLE, None  # no pretrained weights: Google's preprocessing
+    known = sorted(set(PRESETS) | set(CHECKPOINTS))
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
+
+
+def data_config(name, **overrides):
+    """The DataConfig for a model name, with any field overridden (None values are ignored)."""
+    _, data, _ = resolve(name)
+    return replace(data, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
+
+
+# --- class names ---------------------------------------------------------------------------
+
+def imagenet_classes():
+    """[(wnid, names)] for the 1,000 ImageNet-1k classes, in class-index order."""
+    text = resources.files("minimixer").joinpath("assets/imagenet1k_classes.tsv").read_text()
+    return [tuple(line.split("\t", 1)) for line in text.splitlines() if line]
+
+
+def class_names(name, num_classes):
+    """Readable labels for a model's outputs."""
+    _, _, ck = resolve(name)
+    kind = ck.labels if ck else ("imagenet1k" if num_classes == 1000 else "index")
+    if kind == "imagenet1k" and num_classes == 1000:
+        return [names for _, names in imagenet_classes()]
+    if kind == "digits":
+        return [str(i) for i in range(10)]
+    return [f"class {i}" for i in range(num_classes)]
+
+
+# --- weights ---------------------------------------------------------------------------------
+
+class WeightsNotFound(Exception):
+    """No weights could be found or downloaded; the message says where to put them by hand."""
+
+
+def local_candidates(name):
+    tag = DEFAULT_TAG.get(name, name)
+    names = [f"{tag}.safetensors"] + ([f"{name}.safetensors"] if name != tag else [])
+    folders = [os.path.join(os.getcwd(), "weights"), os.path.join(PACKAGE_ROOT, "weights")]
+    return [os.path.join(f, n) for f in dict.fromkeys(folders) for n in names]
+
+
+def download(name, *, cache_dir=None):
+    """Fetch a checkpoint's model.safetensors with huggingface_hub (its cache, resume and
+    checksums) and return the local path. Raises WeightsNotFound with manual instructions."""
+    _, _, ck = resolve(name)
+    if ck is None or ck.repo_id is None:
+        raise WeightsNotFound(f"{name} has no downloadable weights")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line error
+        print(f"fetching {ck.repo_id}/{HF_FILENAME} (huggingface_hub; cached after the first time)", file=sys.stderr)
+        return hf_hub_download(ck.repo_id, HF_FILENAME, cache_dir=cache_dir)
+    except Exception as e:  # noqa: BLE001 - offline, hub errors, bad responses: all end the same way
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsNotFound(
+            f"could not download {ck.repo_id}/{HF_FILENAME} ({reason}). Offline? Fetch "
+            f"{endpoint}/{ck.repo_id}/resolve/main/{HF_FILENAME} by hand and save it as "
+            f"weights/{name}.safetensors, or pass --weights PATH") from None
+
+
+def find_weights(name, weights="auto", *, cache_dir=None):
+    """The weights file to use: an explicit path, or for 'auto' the bundled digits model,
+    a file in ./weights/, or a download (cached by huggingface_hub)."""
+    if weights != "auto":
+        return weights
+    if DEFAULT_TAG.get(name, name) == "mixer_digits":
+        return BUNDLED_DIGITS
+    for path in local_candidates(name):
+        if os.path.exists(path):
+            return path
+    return download(name, cache_dir=cache_dir)
+
+
+def main(argv=None):
+    """python -m minimixer.weights download NAME [--to DIR] | list"""
+    from .cli import ArgumentParser
+    p = ArgumentParser(prog="python -m minimixer.weights", description="pretrained Mixer weights")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("download", help="fetch a checkpoint from the Hugging Face hub")
+    d.add_argument("model", help="e.g. mixer_b16_224 or mixer_l16_224.goog_in21k")
+    d.add_argument("--to", metavar="DIR", help="also copy it to DIR/<model>.safetensors (e.g. weights/)")
+    d.add_argument("--cache-dir", help="huggingface_hub cache folder (default: its own)")
+    sub.add_parser("list", help="list the known checkpoints")
+    args = p.parse_args(argv)
+    if args.command == "list":
+        for tag, ck in CHECKPOINTS.items():
+            where = ck.repo_id or "bundled: weights/mixer_digits.safetensors"
+            print(f"{tag:36s} {ck.num_classes:6d} classes  {where}")
+        return 0
+    try:
+        path = download(args.model, cache_dir=args.cache_dir)
+    except (WeightsNotFound, ValueError) as e:
+        print(f"python -m minimixer.weights: error: {e}", file=sys.stderr)
+        return 2
+    if args.to:
+        from .weights_io import atomic_copy
+        os.makedirs(args.to, exist_ok=True)
+        dest = os.path.join(args.to, f"{DEFAULT_TAG.get(args.model, args.model)}.safetensors")
+        atomic_copy(path, dest)
+        path = dest
+    print(path)
+    return 0
+
