@@ -3,14 +3,15 @@
     import minimixer as mm
     cfg = mm.get_config("mixer_b16_224")
     params = mm.load_weights("model.safetensors", cfg)        # timm's file, timm's names
-    logits = mm.predict(params, images, cfg)                   # images (B, 3, 224, 224)
+    logits = mm.predict(params, images, cfg)                   # images (B, 3, 224, 224); fast path
     logits, cache = mm.mixer_forward(params, images, cfg)
     dx, grads = mm.mixer_backward(dlogits, cache)             # grads keyed like params
 """
 from .backend import BackendError, cupy_available, get_xp, to_backend, to_numpy
 from .config import PRESETS, MixerConfig, get_config, param_count, param_shapes
 from .layers import softmax_cross_entropy
-from .model import mixer_backward, mixer_forward, predict
+from .fast import predict  # the fast inference path; model.predict is the clear one it equals
+from .model import mixer_backward, mixer_forward
 from .params import init_params
 from .weights_io import load_weights, save_weights
 from . import optim

@@ -21,7 +21,7 @@ from . import cli
 from .backend import to_backend, to_numpy, xp_for
 from .config import param_count
 from .data import IMG_EXTENSIONS, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, read_label_file
-from .model import predict
+from .fast import predict
 from .pretrained import WeightsNotFound, data_config, find_weights, imagenet_classes
 from .weights_io import atomic_write_bytes, load_weights
 

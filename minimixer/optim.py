@@ -13,6 +13,7 @@ one line per equation; tests/test_train.py checks them against torch.
 import math
 
 from .backend import get_xp, to_backend
+from .fast import parallel_map
 
 
 def bias_and_norm(name):
@@ -43,8 +44,11 @@ class Optimizer:
         if missing:
             raise KeyError(f"no gradient for {sorted(missing)}")
         self.step_count += 1
-        for name, p in self.params.items():
-            self.update(name, p, grads[name], self.state.setdefault(name, {}))
+        for name in self.params:
+            self.state.setdefault(name, {})
+        # each parameter's update is independent: spread them over the cores, largest first
+        names = sorted(self.params, key=lambda k: -self.params[k].size)
+        parallel_map(lambda name: self.update(name, self.params[name], grads[name], self.state[name]), names)
 
     def state_dict(self):
         """Hyperparameters, the step count and every state array (copied)."""
@@ -124,7 +128,7 @@ class AdamW(Optimizer):
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm
     (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
-    total = math.sqrt(sum(float((g.astype("float64") ** 2).sum()) for g in grads.values()))
+    total = math.sqrt(sum(parallel_map(lambda g: float(get_xp(g).vdot(g.ravel(), g.ravel())), grads.values())))
     scale = min(1.0, max_norm / (total + 1e-6))
     if scale < 1.0:
         for g in grads.values():

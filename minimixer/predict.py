@@ -12,7 +12,7 @@ import numpy as np
 from . import cli
 from .backend import to_backend, to_numpy, xp_for
 from .data import eval_transform, open_image
-from .model import predict
+from .fast import predict
 from .pretrained import WeightsNotFound, class_names, data_config, find_weights
 from .weights_io import load_weights
 

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from .backend import to_backend, to_numpy
 from .config import MixerConfig
 from .layers import softmax_cross_entropy
-from .model import mixer_backward, mixer_forward, predict
+from . import fast
 from .optim import SGD, AdamW, bias_and_norm, clip_grad_norm, lr_at
 from .weights_io import atomic_write_bytes, read_safetensors, save_weights
 
@@ -58,10 +58,13 @@ def make_optimizer(params, s):
 
 def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0,
                drop_path=0.0, dropout=0.0, rng=None):
-    """One update: forward, loss, backward, gradient clipping, optimizer step. Returns the loss."""
-    logits, cache = mixer_forward(params, x, cfg, drop_path_rate=drop_path, drop_rate=dropout, rng=rng)
+    """One update: forward, loss, backward, gradient clipping, optimizer step. Returns the loss.
+
+    It runs fast.forward/fast.backward, which compute what model.mixer_forward/mixer_backward
+    compute (tests/test_fast.py), with the same dropout and stochastic-depth masks for an rng."""
+    logits, cache = fast.forward(params, x, cfg, drop_path_rate=drop_path, drop_rate=dropout, rng=rng)
     loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)
-    _, grads = mixer_backward(dlogits, cache)
+    grads, _ = fast.backward(dlogits, cache)
     if clip_grad:
         clip_grad_norm(grads, clip_grad)
     opt.lr = lr
@@ -74,7 +77,7 @@ def evaluate(params, cfg, batches, backend="numpy"):
     correct1 = correct5 = count = 0
     loss_sum = 0.0
     for x, y in batches:
-        logits = to_numpy(predict(params, to_backend(x, backend), cfg))
+        logits = to_numpy(fast.predict(params, to_backend(x, backend), cfg))
         loss_sum += softmax_cross_entropy(logits, y)[0] * len(y)
         top5 = np.argsort(-logits, axis=1)[:, :5]
         correct1 += int((top5[:, 0] == y).sum())

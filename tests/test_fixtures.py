@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import minimixer as mm
+from minimixer import model
 from helpers import assert_all_close, assert_grads_close
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -44,7 +45,14 @@ def test_logits_and_grads_match_timm(name, backend):
 
 @pytest.mark.parametrize("name", CASES)
 def test_predict_matches_forward(name, backend):
+    """model.predict is mixer_forward without caches: identical. minimixer.predict is the fast
+    path: equal up to rounding, and to timm's logits like the forward."""
     cfg, params, ref = load_case(name, backend)
     x = mm.to_backend(ref["x"], backend)
     logits, _ = mm.mixer_forward(params, x, cfg)
-    assert_all_close([("predict vs forward", mm.to_numpy(mm.predict(params, x, cfg)), mm.to_numpy(logits))], 0.0)
+    f64 = ref["x"].dtype == np.float64
+    assert_all_close([("model.predict vs forward", mm.to_numpy(model.predict(params, x, cfg)), mm.to_numpy(logits)),
+                      ], 0.0)
+    fast_logits = mm.to_numpy(mm.predict(params, x, cfg))
+    assert_all_close([("fast predict vs forward", fast_logits, mm.to_numpy(logits))], 1e-12 if f64 else 2e-6)
+    assert_all_close([("fast predict vs timm", fast_logits, ref["logits"])], 1e-12 if f64 else 1e-5)

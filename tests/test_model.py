@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import minimixer as mm
+from minimixer import model
 from helpers import assert_all_close, assert_grads_close, numerical_gradient
 
 TINY = dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6)
@@ -29,7 +30,7 @@ def test_model_gradcheck_all_params_and_input(gelu):
     assert set(grads) == set(params) and all(grads[k].shape == params[k].shape for k in params)
 
     def loss():
-        return float(np.sum(mm.predict(params, x, cfg) * dlogits))
+        return float(np.sum(model.predict(params, x, cfg) * dlogits))
 
     pairs = [("dx", dx, numerical_gradient(loss, x))]
     pairs += [(k, grads[k], numerical_gradient(loss, params[k])) for k in params]
@@ -42,7 +43,7 @@ def test_predict_keeps_nothing_and_matches_forward():
     params = nontrivial_params(cfg)
     x = np.random.default_rng(2).standard_normal((3, cfg.in_chans, *cfg.image_hw))
     logits, _ = mm.mixer_forward(params, x, cfg)
-    assert_all_close([("predict", mm.predict(params, x, cfg), logits)], 0.0)
+    assert_all_close([("model.predict", model.predict(params, x, cfg), logits)], 0.0)
 
 
 def test_input_is_cast_to_param_dtype():

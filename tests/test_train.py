@@ -13,7 +13,7 @@ import pytest
 import minimixer as mm
 from helpers import assert_all_close, gradcheck, numerical_gradient
 from minimixer import layers as L
-from minimixer import optim
+from minimixer import model, optim
 from minimixer.data import ArrayLoader, digits_split
 from minimixer.trainer import TrainSettings, fit, load_checkpoint
 
@@ -75,7 +75,7 @@ def test_drop_path_drops_whole_samples_and_is_identity_at_eval():
     params = mm.init_params(cfg, dtype="float64")
     xi = np.random.default_rng(3).standard_normal((2, 2, 9, 15))
     eval_logits, _ = mm.mixer_forward(params, xi, cfg, drop_path_rate=0.5, drop_rate=0.5)
-    assert_all_close([("eval forward ignores rates", eval_logits, mm.predict(params, xi, cfg))], 0.0)
+    assert_all_close([("eval forward ignores rates", eval_logits, model.predict(params, xi, cfg))], 0.0)
 
 
 def test_model_gradcheck_with_regularizers():

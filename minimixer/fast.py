@@ -1,0 +1,553 @@
+"""The fast path: the same Mixer as model.py, reorganized for speed. tests/test_fast.py
+proves that it computes what the clear path computes.
+
+`minimixer.predict` and the trainer run this module. Read model.py and layers.py to
+learn the math; read this to see where the time goes on a CPU, and why.
+
+- Matmuls are almost all the FLOPs, and NumPy's BLAS runs them as fast as PyTorch's.
+  A naive NumPy Mixer still runs at half timm's speed, because its elementwise work
+  (GELU, LayerNorm, bias and residual adds) is single-threaded and streams hidden
+  activations of tens of MB through memory about twenty times.
+- So the elementwise work runs in chunks that fit in the L2 cache, in place, on a
+  thread per core (NumPy ufuncs release the GIL), and GELU is written to reuse its
+  exp: gelu(x) = relu(x) - |x|·q and gelu'(x) = Φ(x) + x·φ(x), with q = Φ(-|x|).
+- Token mixing is a left multiplication, W1 @ y per image, so nothing is transposed.
+- Inference runs the channel MLP over a thousand or so tokens at a time, so its (·, DC)
+  hidden stays in L3 and the peak memory stays small.
+- Both inference and training split the batch into one share per core (see run_shares).
+- Training keeps only what backward needs: each LayerNorm's normalized input and its
+  rstd, each fc1's input, and for each GELU its output and its derivative (the pre-
+  activation itself is never needed again).
+
+On CuPy arrays the same functions run with cupy's ops, and GELU is one fused kernel.
+
+Shape legend: B batch, N tokens, D channels, DS/DC token/channel hidden, M = B·N rows, K classes.
+"""
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from .backend import get_xp
+from .erf import erf
+from . import layers
+from .layers import patchify, unpatchify
+from .model import check_input
+
+# --- elementwise kernels: NumPy, chunked and threaded ----------------------------------------
+
+CHUNK_ELEMENTS = 1 << 17  # 512 KB of float32 per array: a chunk and its scratch stay near L2
+_pool = None
+_pool_lock = threading.Lock()
+_scratch = threading.local()
+
+
+def num_threads():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def parallel_map(fn, items):
+    """fn over items on the thread pool (the caller works too); for independent ufunc-heavy jobs."""
+    items = list(items)
+    if num_threads() == 1 or len(items) < 2 or getattr(_scratch, "serial", False):
+        return [fn(i) for i in items]
+    return list(_executor().map(fn, items))
+
+
+def _executor():
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(num_threads(), thread_name_prefix="minimixer")
+        return _pool
+
+
+def scratch(i, shape, dtype):
+    """Per-thread scratch buffers, reused across calls (fresh allocations page-fault)."""
+    bufs = getattr(_scratch, "bufs", None)
+    if bufs is None:
+        bufs = _scratch.bufs = {}
+    key = (i, dtype)
+    size = math.prod(shape)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(max(size, CHUNK_ELEMENTS), dtype)
+    return buf[:size].reshape(shape)
+
+
+def run_rows(kernel, *arrays):
+    """Call kernel(*slices) over row chunks of about CHUNK_ELEMENTS. Each thread takes one
+    contiguous share of the rows and walks it chunk by chunk (the calling thread takes the
+    first share), so there is one hand-off per thread, not per chunk. 2-d arrays (all with
+    the same number of rows) are sliced by rows; 1-d arrays (a bias along columns) and None
+    are passed whole."""
+    rows = arrays[0].shape[0]
+    width = max(1, math.prod(arrays[0].shape[1:]))
+    step = max(1, CHUNK_ELEMENTS // width)
+
+    def walk(start, stop):
+        for r in range(start, stop, step):
+            e = min(r + step, stop)
+            kernel(*[a[r:e] if a is not None and a.ndim >= 2 else a for a in arrays])
+
+    shares = 1 if getattr(_scratch, "serial", False) else min(num_threads(), -(-rows // step))
+    if shares <= 1:
+        walk(0, rows)
+        return
+    bounds = [rows * k // shares for k in range(shares + 1)]
+    futures = [_executor().submit(walk, bounds[k], bounds[k + 1]) for k in range(1, shares)]
+    walk(bounds[0], bounds[1])
+    for f in futures:
+        f.result()
+
+
+# Abramowitz & Stegun 7.1.26 for q = Φ(-|x|) = 0.5·erfc(|x|/√2) = P(t)·exp(-x²/2),
+# t = 1/(1 + p|x|/√2); coefficients pre-multiplied by 0.5 (|error| ≤ 0.75e-7)
+AS_P = 0.3275911 / math.sqrt(2.0)
+AS_INV_P = 1.0 / AS_P
+AS_A = tuple(0.5 * a for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _phi_tail(x, a, t, q):
+    """a = |x|, q = Φ(-|x|), t = exp(-x²/2) (all in the given buffers)."""
+    np.abs(x, out=a)
+    np.add(a, AS_INV_P, out=t)
+    np.divide(AS_INV_P, t, out=t)  # 1/(1 + p·a) in two passes
+    np.multiply(t, AS_A[4], out=q)
+    for coef in AS_A[3::-1]:
+        q += coef
+        q *= t
+    np.multiply(x, x, out=t)
+    t *= -0.5
+    np.exp(t, out=t)
+    q *= t
+
+
+def _zeros(shape, dtype):
+    z = scratch(3, shape, dtype)
+    if getattr(_scratch, "zeroed", None) is not z.base:  # fill once per buffer
+        z.base[...] = 0
+        _scratch.zeroed = z.base
+    return z
+
+
+def _gelu_rows(x, bias):
+    """x <- gelu(x + bias) in place, on a chunk of rows."""
+    if bias is not None:
+        x += bias
+    if x.dtype == np.float64:  # float64 is for checking: keep the exact erf
+        x[...] = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+        return
+    a, t, q = (scratch(i, x.shape, x.dtype) for i in range(3))
+    _phi_tail(x, a, t, q)
+    q *= a
+    np.maximum(x, _zeros(x.shape, x.dtype), out=x)  # an array operand: a scalar 0 is 4x slower
+    x -= q  # relu(x) - |x|·Φ(-|x|) = x·Φ(x) for either sign of x
+
+
+def _gelu_grad_rows(x, bias, d):
+    """x <- gelu(x + bias) and d <- gelu'(x + bias), in place, on a chunk of rows."""
+    if bias is not None:
+        x += bias
+    if x.dtype == np.float64:  # float64 is for checking: keep the exact erf
+        cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))
+        d[...] = cdf + x * np.exp(-0.5 * x * x) * INV_SQRT_2PI
+        x *= cdf
+        return
+    a, t, q = (scratch(i, x.shape, x.dtype) for i in range(3))
+    _phi_tail(x, a, t, q)
+    t *= x
+    t *= INV_SQRT_2PI  # x·φ(x)
+    np.subtract(0.5, q, out=d)
+    np.copysign(d, x, out=d)
+    d += 0.5  # Φ(x): 1 - q for x ≥ 0, q for x < 0
+    x *= d  # gelu = x·Φ(x)
+    d += t  # gelu' = Φ(x) + x·φ(x)
+
+
+def _gelu_tanh_rows(x, bias):
+    """x <- tanh-approximate gelu(x + bias), in place (cfg.gelu == 'tanh')."""
+    if bias is not None:
+        x += bias
+    x[...] = layers.gelu_forward(x, "tanh")[0]
+
+
+def _gelu_tanh_grad_rows(x, bias, d):
+    if bias is not None:
+        x += bias
+    out, cache = layers.gelu_forward(x, "tanh")
+    d[...] = layers.gelu_backward(np.ones_like(x), cache)
+    x[...] = out
+
+
+def _cupy_kernels(cp):
+    """Fused CUDA kernels (built once per process). CUDA has an exact erff."""
+    if not hasattr(_cupy_kernels, "cache"):
+        _cupy_kernels.cache = {
+            "gelu": cp.ElementwiseKernel(
+                "T b", "T x", "float v = (float)x + (float)b; x = (T)(0.5f * v * (1.0f + erff(v * 0.70710678f)));",
+                "minimixer_bias_gelu"),
+            "gelu_grad": cp.ElementwiseKernel(
+                "T b", "T x, T d",
+                "float v = (float)x + (float)b; float cdf = 0.5f * (1.0f + erff(v * 0.70710678f));"
+                "d = (T)(cdf + v * expf(-0.5f * v * v) * 0.3989422804f); x = (T)(v * cdf);",
+                "minimixer_bias_gelu_grad"),
+            "gelu_tanh": cp.ElementwiseKernel(
+                "T b", "T x",
+                "float v = (float)x + (float)b; x = (T)(0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v))));",
+                "minimixer_bias_gelu_tanh"),
+            "gelu_tanh_grad": cp.ElementwiseKernel(
+                "T b", "T x, T d",
+                "float v = (float)x + (float)b; float t = tanhf(0.7978845608f * (v + 0.044715f * v * v * v));"
+                "d = (T)(0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * 0.7978845608f * (1.0f + 0.134145f * v * v));"
+                "x = (T)(0.5f * v * (1.0f + t));",
+                "minimixer_bias_gelu_tanh_grad"),
+        }
+    return _cupy_kernels.cache
+
+
+def bias_gelu_(x, bias=None, form="erf"):
+    """x <- gelu(x + bias), in place; x is 2-d (rows, cols), bias is (cols,) or (rows, 1)."""
+    xp = get_xp(x)
+    if xp is np:
+        run_rows(_gelu_rows if form == "erf" else _gelu_tanh_rows, x, bias)
+    else:
+        kernel = _cupy_kernels(xp)["gelu" if form == "erf" else "gelu_tanh"]
+        kernel(xp.zeros((), x.dtype) if bias is None else bias, x)
+    return x
+
+
+def bias_gelu_grad_(x, bias, d, form="erf"):
+    """x <- gelu(x + bias), d <- gelu'(x + bias), in place."""
+    xp = get_xp(x)
+    if xp is np:
+        run_rows(_gelu_grad_rows if form == "erf" else _gelu_tanh_grad_rows, x, bias, d)
+    else:
+        kernel = _cupy_kernels(xp)["gelu_grad" if form == "erf" else "gelu_tanh_grad"]
+        kernel(xp.zeros((), x.dtype) if bias is None else bias, x, d)
+    return x, d
+
+
+def _layernorm_rows(x, out, w, b, norm, rstd_out, eps):
+    mean = x.mean(axis=1, keepdims=True)
+    np.subtract(x, mean, out=out)
+    var = np.einsum("ij,ij->i", out, out)[:, None] / x.shape[1]
+    rstd = 1.0 / np.sqrt(var + eps)
+    out *= rstd
+    if norm is not None:
+        norm[...] = out
+    if rstd_out is not None:
+        rstd_out[...] = rstd
+    if w is not None:
+        out *= w
+        out += b
+
+
+def layernorm_(x, out, w=None, b=None, eps=1e-6, norm=None, rstd=None):
+    """out <- LayerNorm(x)·w + b over the last axis of 2-d x (no affine when w is None);
+    optionally also the normalized x (norm) and rstd (rows, 1) for backward."""
+    xp = get_xp(x)
+    if xp is np:
+        run_rows(lambda xs, os_, ns, rs: _layernorm_rows(xs, os_, w, b, ns, rs, eps), x, out, norm, rstd)
+        return out
+    mean = x.mean(axis=1, keepdims=True)
+    xp.subtract(x, mean, out=out)
+    r = 1.0 / xp.sqrt((out * out).mean(axis=1, keepdims=True) + eps)
+    out *= r
+    if norm is not None:
+        norm[...] = out
+    if rstd is not None:
+        rstd[...] = r
+    if w is not None:
+        out *= w
+        out += b
+    return out
+
+
+def _layernorm_backward_rows(dout, norm, rstd, w, dx):
+    dn = np.multiply(dout, w, out=dx)
+    c1 = dn.mean(axis=1, keepdims=True)
+    c2 = np.einsum("ij,ij->i", dn, norm)[:, None] / dn.shape[1]
+    dn -= c1
+    dn -= norm * c2
+    dn *= rstd
+
+
+def layernorm_backward_(dout, norm, rstd, w, dx):
+    """dx <- LayerNorm backward from the normalized input and rstd (2-d, rows of D)."""
+    xp = get_xp(dout)
+    if xp is np:
+        run_rows(lambda d, n, r, o: _layernorm_backward_rows(d, n, r, w, o), dout, norm, rstd, dx)
+        return dx
+    dn = xp.multiply(dout, w, out=dx)
+    c1 = dn.mean(axis=1, keepdims=True)
+    c2 = (dn * norm).mean(axis=1, keepdims=True)
+    dn -= c1
+    dn -= norm * c2
+    dn *= rstd
+    return dx
+
+
+# --- data parallelism: one share of the batch per core ---------------------------------------------
+#
+# OpenBLAS's worker threads spin for a while after each GEMM, so elementwise threads that
+# run between GEMMs fight them for the cores. Splitting the batch instead, one share per
+# core, each with single-threaded BLAS, keeps GEMMs at full speed (two single-threaded
+# sgemms match one two-threaded sgemm) and makes all elementwise work parallel for free.
+
+def _blas_single_thread():
+    """A context that limits BLAS to one thread (threadpoolctl), or None if unavailable."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits(1, user_api="blas")
+
+
+def split_batch(B):
+    """Row ranges, one per core, for a batch of B (a single range when B or the cores are 1)."""
+    shares = max(1, min(num_threads(), B))
+    bounds = [B * k // shares for k in range(shares + 1)]
+    return [(bounds[k], bounds[k + 1]) for k in range(shares)]
+
+
+def run_shares(fn, spans):
+    """fn(start, stop) for each span, one per thread, BLAS single-threaded; returns the results."""
+    if len(spans) == 1:
+        return [fn(*spans[0])]
+    limit = _blas_single_thread()
+    if limit is None:  # no threadpoolctl: one share, BLAS threads as they are
+        return [fn(spans[0][0], spans[-1][1])]
+
+    def serial(span):
+        _scratch.serial = True
+        try:
+            return fn(*span)
+        finally:
+            _scratch.serial = False
+
+    with limit:
+        futures = [_executor().submit(serial, span) for span in spans[1:]]
+        first = serial(spans[0])
+        return [first] + [f.result() for f in futures]
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+TOKEN_GROUP = 2  # images per token-mixing matmul batch
+CHANNEL_CHUNK_BYTES = 16 << 20  # channel-MLP hidden per chunk: big enough for full-speed GEMMs,
+# small enough to stay in a desktop L3 and well under timm's (B·N, DC) hidden and its GELU copy
+
+
+def predict(params, x, cfg):
+    """Logits for images x (B, C, H, W); equal to model.predict up to float rounding."""
+    x = check_input(params, x, cfg)
+    xp = get_xp(x)
+    blocks = [{k[len(f"blocks.{i}."):]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
+              for i in range(cfg.num_blocks)]
+    spans = split_batch(x.shape[0]) if xp is np else [(0, x.shape[0])]
+    logits = run_shares(lambda a, b: _predict_share(params, blocks, x[a:b], cfg), spans)
+    return logits[0] if len(logits) == 1 else xp.concatenate(logits)
+
+
+def _predict_share(params, blocks, x, cfg):
+    xp = get_xp(x)
+    B, N, D = x.shape[0], cfg.num_patches, cfg.embed_dim
+    M = B * N
+    w = params["stem.proj.weight"]
+    h = xp.matmul(patchify(x, cfg.patch_size).reshape(M, -1), w.reshape(D, -1).T)  # (M, D) residual stream
+    h += params["stem.proj.bias"]
+    y = xp.empty_like(h)  # (M, D) LayerNorm outputs
+    on_cpu = xp is np
+    group = min(B, TOKEN_GROUP) if on_cpu else B
+    rows = min(M, max(64, CHANNEL_CHUNK_BYTES // (cfg.channel_hidden * h.itemsize))) if on_cpu else M
+    # reused buffers: fresh large arrays would page-fault on every block
+    token_hid = xp.empty((group, cfg.token_hidden, D), h.dtype)  # (g, DS, D)
+    token_out = xp.empty((group, N, D), h.dtype)  # (g, N, D)
+    channel_hid = xp.empty((rows, cfg.channel_hidden), h.dtype)  # (rows, DC)
+    channel_out = xp.empty((rows, D), h.dtype)  # (rows, D)
+    for p in blocks:
+        # token mixing: h += W2 gelu(W1 LN(h) + b1) + b2, per group of images, on (N, D) slices
+        layernorm_(h, y, p["norm1.weight"], p["norm1.bias"], cfg.ln_eps)
+        y3, h3 = y.reshape(B, N, D), h.reshape(B, N, D)
+        w1, b1 = p["mlp_tokens.fc1.weight"], p["mlp_tokens.fc1.bias"][:, None]
+        w2, b2 = p["mlp_tokens.fc2.weight"], p["mlp_tokens.fc2.bias"][:, None]
+        for g in range(0, B, group):
+            k = min(group, B - g)
+            hid = xp.matmul(w1, y3[g:g + k], out=token_hid[:k])  # (k, DS, D)
+            for j in range(k):
+                bias_gelu_(hid[j], b1, cfg.gelu)
+            out = xp.matmul(w2, hid, out=token_out[:k])  # (k, N, D)
+            out += b2
+            h3[g:g + k] += out
+        # channel mixing: h += W2 gelu(W1 LN(h) + b1) + b2, a chunk of rows at a time
+        layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps)
+        w1, b1 = p["mlp_channels.fc1.weight"], p["mlp_channels.fc1.bias"]
+        w2, b2 = p["mlp_channels.fc2.weight"], p["mlp_channels.fc2.bias"]
+        h += b2
+        for r in range(0, M, rows):
+            k = min(rows, M - r)
+            hid = xp.matmul(y[r:r + k], w1.T, out=channel_hid[:k])  # (k, DC)
+            bias_gelu_(hid, b1, cfg.gelu)
+            h[r:r + k] += xp.matmul(hid, w2.T, out=channel_out[:k])  # (k, D)
+    layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
+    pooled = y.reshape(B, N, D).mean(axis=1)  # (B, D)
+    return pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
+
+
+# --- training ------------------------------------------------------------------------------------
+
+def forward(params, x, cfg, *, drop_path_rate=0.0, drop_rate=0.0, rng=None):
+    """Training forward: logits (B, K) and the cache for `backward`. Same semantics (and the
+    same random masks for the same rng) as model.mixer_forward."""
+    x = check_input(params, x, cfg)
+    xp = get_xp(x)
+    B = x.shape[0]
+    # draw the masks in model.mixer_forward's order, for the whole batch, before splitting it
+    masks = {"blocks": [], "head": None}
+    if rng is not None and drop_path_rate:
+        for _ in range(cfg.num_blocks):
+            masks["blocks"].append((_mask((B, 1, 1), drop_path_rate, rng, x), _mask((B, 1, 1), drop_path_rate, rng, x)))
+    if rng is not None and drop_rate:
+        masks["head"] = _mask((B, cfg.embed_dim), drop_rate, rng, x)
+    spans = split_batch(B) if xp is np else [(0, B)]
+    shares = run_shares(lambda a, b: _forward_share(params, x[a:b], cfg, _slice_masks(masks, a, b)), spans)
+    logits = xp.concatenate([s[0] for s in shares]) if len(shares) > 1 else shares[0][0]
+    return logits, (spans, [s[1] for s in shares])
+
+
+def _slice_masks(masks, a, b):
+    return {"blocks": [(m1[a:b], m2[a:b]) for m1, m2 in masks["blocks"]],
+            "head": None if masks["head"] is None else masks["head"][a:b]}
+
+
+def _forward_share(params, x, cfg, masks):
+    xp = get_xp(x)
+    B, N, D = x.shape[0], cfg.num_patches, cfg.embed_dim
+    M = B * N
+    patches = patchify(x, cfg.patch_size).reshape(M, -1)  # (M, C·P·P)
+    w = params["stem.proj.weight"]
+    h = xp.matmul(patches, w.reshape(D, -1).T)  # (M, D)
+    h += params["stem.proj.bias"]
+    blocks = []
+    for i in range(cfg.num_blocks):
+        p = {k[len(f"blocks.{i}."):]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
+        c = {"p": p}
+        token_mask, channel_mask = masks["blocks"][i] if masks["blocks"] else (None, None)
+        # token mixing
+        c["n1"], c["r1"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
+        layernorm_(h, y, p["norm1.weight"], p["norm1.bias"], cfg.ln_eps, norm=c["n1"], rstd=c["r1"])
+        c["y1"] = y3 = y.reshape(B, N, D)
+        hid = xp.matmul(p["mlp_tokens.fc1.weight"], y3)  # (B, DS, D)
+        c["dg1"] = xp.empty_like(hid)
+        if xp is np:
+            for j in range(B):  # per image: the (DS, 1) bias runs along rows
+                bias_gelu_grad_(hid[j], p["mlp_tokens.fc1.bias"][:, None], c["dg1"][j], cfg.gelu)
+        else:
+            bias_gelu_grad_(hid, p["mlp_tokens.fc1.bias"][:, None], c["dg1"], cfg.gelu)
+        c["a1"] = hid  # gelu output
+        t = xp.matmul(p["mlp_tokens.fc2.weight"], hid)  # (B, N, D)
+        t += p["mlp_tokens.fc2.bias"][:, None]
+        if token_mask is not None:
+            t *= token_mask
+        c["mask1"] = token_mask
+        h += t.reshape(M, D)  # in place: backward keeps the normalized copies, not h
+        # channel mixing
+        c["n2"], c["r2"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
+        layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps, norm=c["n2"], rstd=c["r2"])
+        c["y2"] = y
+        hid = xp.matmul(y, p["mlp_channels.fc1.weight"].T)  # (M, DC)
+        c["dg2"] = xp.empty_like(hid)
+        bias_gelu_grad_(hid, p["mlp_channels.fc1.bias"], c["dg2"], cfg.gelu)
+        c["a2"] = hid
+        t = xp.matmul(hid, p["mlp_channels.fc2.weight"].T)  # (M, D)
+        t += p["mlp_channels.fc2.bias"]
+        if channel_mask is not None:
+            t.reshape(B, N, D)[...] *= channel_mask
+        c["mask2"] = channel_mask
+        h += t
+        blocks.append(c)
+    n, r, y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
+    layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps, norm=n, rstd=r)
+    pooled = y.reshape(B, N, D).mean(axis=1)  # (B, D)
+    if masks["head"] is not None:
+        pooled = pooled * masks["head"]
+    logits = pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
+    return logits, (params, cfg, x.shape, patches, blocks, (n, r), pooled, masks["head"])
+
+
+def _mask(shape, rate, rng, like):
+    keep = 1.0 - rate
+    return get_xp(like).asarray((rng.random(shape) < keep) / keep, dtype=like.dtype)
+
+
+def backward(dlogits, cache, *, need_dx=False):
+    """Gradients for every parameter (timm names), and dx (B, C, H, W) if need_dx: each share
+    of the batch on its own core, then the shares' gradients summed."""
+    spans, caches = cache
+    xp = get_xp(dlogits)
+    by_start = {span[0]: c for span, c in zip(spans, caches)}
+    shares = run_shares(lambda a, b: _backward_share(dlogits[a:b], by_start[a], need_dx), spans)
+    grads = shares[0][0]
+    for other, _ in shares[1:]:
+        for k, g in other.items():
+            grads[k] += g
+    dx = None
+    if need_dx:
+        dx = xp.concatenate([d for _, d in shares]) if len(shares) > 1 else shares[0][1]
+    return grads, dx
+
+
+def _backward_share(dlogits, cache, need_dx):
+    params, cfg, x_shape, patches, blocks, (n, r), pooled, drop = cache
+    xp = get_xp(dlogits)
+    B, N, D = x_shape[0], cfg.num_patches, cfg.embed_dim
+    M = B * N
+    grads = {"head.weight": dlogits.T @ pooled, "head.bias": dlogits.sum(axis=0)}
+    dpooled = dlogits @ params["head.weight"]  # (B, D)
+    if drop is not None:
+        dpooled = dpooled * drop
+    dy = xp.repeat(dpooled[:, None, :] / N, N, axis=1).reshape(M, D)  # (M, D) mean-pool backward
+    grads["norm.weight"] = (dy * n).sum(axis=0)
+    grads["norm.bias"] = dy.sum(axis=0)
+    dh = layernorm_backward_(dy, n, r, params["norm.weight"], xp.empty_like(dy))  # (M, D)
+    for i in reversed(range(len(blocks))):
+        c, p, g = blocks[i], blocks[i]["p"], {}
+        # channel mixing
+        dt = dh if c["mask2"] is None else (dh.reshape(B, N, D) * c["mask2"]).reshape(M, D)
+        g["mlp_channels.fc2.weight"] = dt.T @ c["a2"]  # (D, DC)
+        g["mlp_channels.fc2.bias"] = dt.sum(axis=0)
+        da = xp.matmul(dt, p["mlp_channels.fc2.weight"])  # (M, DC)
+        da *= c["dg2"]
+        g["mlp_channels.fc1.weight"] = da.T @ c["y2"]  # (DC, D)
+        g["mlp_channels.fc1.bias"] = da.sum(axis=0)
+        dy = xp.matmul(da, p["mlp_channels.fc1.weight"])  # (M, D)
+        g["norm2.weight"] = (dy * c["n2"]).sum(axis=0)
+        g["norm2.bias"] = dy.sum(axis=0)
+        dh += layernorm_backward_(dy, c["n2"], c["r2"], p["norm2.weight"], dy)
+        # token mixing
+        dt3 = dh.reshape(B, N, D)
+        if c["mask1"] is not None:
+            dt3 = dt3 * c["mask1"]
+        g["mlp_tokens.fc2.weight"] = xp.matmul(dt3, c["a1"].transpose(0, 2, 1)).sum(axis=0)  # (N, DS)
+        g["mlp_tokens.fc2.bias"] = dt3.sum(axis=(0, 2))
+        da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3)  # (B, DS, D)
+        da *= c["dg1"]
+        g["mlp_tokens.fc1.weight"] = xp.matmul(da, c["y1"].transpose(0, 2, 1)).sum(axis=0)  # (DS, N)
+        g["mlp_tokens.fc1.bias"] = da.sum(axis=(0, 2))
+        dy = xp.matmul(p["mlp_tokens.fc1.weight"].T, da).reshape(M, D)  # (M, D)
+        g["norm1.weight"] = (dy * c["n1"]).sum(axis=0)
+        g["norm1.bias"] = dy.sum(axis=0)
+        dh += layernorm_backward_(dy, c["n1"], c["r1"], p["norm1.weight"], dy)
+        grads.update({f"blocks.{i}.{k}": v for k, v in g.items()})
+    w = params["stem.proj.weight"]
+    grads["stem.proj.weight"] = (dh.T @ patches).reshape(w.shape)
+    grads["stem.proj.bias"] = dh.sum(axis=0)
+    dx = unpatchify((dh @ w.reshape(D, -1)).reshape(B, N, -1), x_shape, cfg.patch_size) if need_dx else None
+    return grads, dx

@@ -1,0 +1,104 @@
+"""The fast path (minimixer/fast.py) computes what the clear path (model.py) computes."""
+import numpy as np
+import pytest
+
+import minimixer as mm
+from helpers import assert_all_close, assert_grads_close
+from minimixer import fast, layers
+from minimixer.model import mixer_backward, mixer_forward
+from minimixer.model import predict as reference_predict
+
+CONFIGS = {
+    "tiny-odd": dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6),
+    "small": dict(num_classes=11, img_size=(32, 48), in_chans=3, patch_size=8, num_blocks=3, embed_dim=20,
+                  mlp_ratio=(1.5, 3.0)),
+    "small-tanh": dict(num_classes=5, img_size=16, in_chans=3, patch_size=4, num_blocks=2, embed_dim=12,
+                       gelu="tanh", ln_eps=1e-5),
+}
+
+
+def setup(name, dtype, B, seed=0):
+    cfg = mm.MixerConfig(**CONFIGS[name])
+    rng = np.random.default_rng(seed)
+    params = {k: (v + 0.3 * rng.standard_normal(v.shape)).astype(dtype)
+              for k, v in mm.init_params(cfg, dtype="float64").items()}
+    x = rng.standard_normal((B, cfg.in_chans, *cfg.image_hw)).astype(dtype)
+    return cfg, params, x
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_predict_equals_reference(monkeypatch, threads, B, dtype, tol):
+    monkeypatch.setattr(fast, "num_threads", lambda: threads)
+    # tiny chunks, so the chunk loops, the token groups and the thread shares all have remainders
+    monkeypatch.setattr(fast, "CHUNK_ELEMENTS", 37)
+    monkeypatch.setattr(fast, "CHANNEL_CHUNK_BYTES", 7 * 60 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(fast, "TOKEN_GROUP", 3)
+    for name in ("small", "small-tanh"):
+        cfg, params, x = setup(name, dtype, B)
+        got, ref = fast.predict(params, x, cfg), reference_predict(params, x, cfg)
+        assert got.dtype == dtype
+        assert_all_close([(f"fast predict {name}", got, ref)], tol)
+
+
+def test_public_predict_is_the_fast_path():
+    assert mm.predict is fast.predict
+
+
+@pytest.mark.parametrize("regularize", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_train_forward_backward_equal_reference(monkeypatch, name, regularize):
+    monkeypatch.setattr(fast, "num_threads", lambda: 2)
+    cfg, params, x = setup(name, np.float64, 5, seed=1)
+    kw = dict(drop_path_rate=0.3, drop_rate=0.2) if regularize else {}
+    logits, cache = fast.forward(params, x, cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
+    ref_logits, ref_cache = mixer_forward(params, x, cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
+    dlogits = np.random.default_rng(2).standard_normal(logits.shape)
+    grads, dx = fast.backward(dlogits, cache, need_dx=True)
+    ref_dx, ref_grads = mixer_backward(dlogits, ref_cache)
+    assert set(grads) == set(params)
+    assert_all_close([("logits", logits, ref_logits)], 1e-12)
+    pairs = [("dx", dx, ref_dx)] + [(k, grads[k], ref_grads[k]) for k in params]
+    assert_grads_close(pairs, 1e-10, zero_tol=1e-13)
+
+
+def test_train_float32_close_to_reference():
+    cfg, params, x = setup("small", np.float32, 4, seed=3)
+    logits, cache = fast.forward(params, x, cfg)
+    ref_logits, ref_cache = mixer_forward(params, x, cfg)
+    dlogits = np.random.default_rng(5).standard_normal(logits.shape).astype(np.float32)
+    grads, _ = fast.backward(dlogits, cache)
+    _, ref_grads = mixer_backward(dlogits, ref_cache)
+    assert_all_close([("logits", logits, ref_logits)], 2e-6)
+    assert_grads_close([(k, grads[k], ref_grads[k]) for k in params], 2e-5, zero_tol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_gelu_kernels(dtype):
+    x = np.concatenate([np.linspace(-9, 9, 20000), np.random.default_rng(0).standard_normal(4000) * 3])
+    x = x.reshape(-1, 100).astype(dtype)
+    bias = np.linspace(-1, 1, 100).astype(dtype)
+    ref, cache = layers.gelu_forward((x + bias).astype(np.float64))
+    ref_d = layers.gelu_backward(np.ones_like(ref), cache)
+    got = fast.bias_gelu_(x.copy(), bias)
+    got2, d = fast.bias_gelu_grad_(x.copy(), bias, np.empty_like(x))
+    tol = 1e-14 if dtype == np.float64 else 3e-6  # absolute: GELU values reach 9
+    assert np.abs(got - ref).max() <= tol and np.abs(got2 - ref).max() <= tol
+    assert np.abs(d - ref_d).max() <= tol
+    rowbias = np.linspace(-1, 1, x.shape[0]).astype(dtype)[:, None]  # token mixing: bias per row
+    ref_rows, _ = layers.gelu_forward((x + rowbias).astype(np.float64))
+    assert np.abs(fast.bias_gelu_(x.copy(), rowbias) - ref_rows).max() <= tol
+
+
+def test_layernorm_kernels():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((301, 24)) * 3 + 1
+    w, b = 1 + 0.3 * rng.standard_normal(24), rng.standard_normal(24)
+    ref, cache = layers.layernorm_forward(x, w, b, 1e-6)
+    out, norm, rstd = np.empty_like(x), np.empty_like(x), np.empty((301, 1))
+    fast.layernorm_(x, out, w, b, 1e-6, norm=norm, rstd=rstd)
+    assert_all_close([("layernorm", out, ref), ("rstd", rstd, cache[3])], 1e-13)
+    dout = rng.standard_normal(x.shape)
+    ref_dx, _, _ = layers.layernorm_backward(dout, cache)
+    assert_all_close([("layernorm dx", fast.layernorm_backward_(dout, norm, rstd, w, np.empty_like(x)), ref_dx)], 1e-12)
