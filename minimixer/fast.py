@@ -16,8 +16,9 @@ learn the math; read this to see where the time goes on a CPU, and why.
   hidden stays in L3 and the peak memory stays small.
 - Both inference and training split the batch into one share per core (see run_shares).
 - Training keeps only what backward needs: each LayerNorm's normalized input and its
-  rstd, each fc1's input, and for each GELU its output and its derivative (the pre-
-  activation itself is never needed again).
+  rstd (its output, fc1's input, is rebuilt as n·w + b), and for each GELU its output
+  and its derivative (the pre-activation itself is never needed again). Backward frees
+  each block's cache as soon as it is done with it.
 
 On CuPy arrays the same functions run with cupy's ops, and GELU is one fused kernel.
 
@@ -443,7 +444,7 @@ def _forward_share(params, x, cfg, masks):
         # token mixing
         c["n1"], c["r1"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
         layernorm_(h, y, p["norm1.weight"], p["norm1.bias"], cfg.ln_eps, norm=c["n1"], rstd=c["r1"])
-        c["y1"] = y3 = y.reshape(B, N, D)
+        y3 = y.reshape(B, N, D)  # not kept: backward rebuilds it from n1 (n·w + b)
         hid = xp.matmul(p["mlp_tokens.fc1.weight"], y3)  # (B, DS, D)
         c["dg1"] = xp.empty_like(hid)
         if xp is np:
@@ -461,7 +462,6 @@ def _forward_share(params, x, cfg, masks):
         # channel mixing
         c["n2"], c["r2"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
         layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps, norm=c["n2"], rstd=c["r2"])
-        c["y2"] = y
         hid = xp.matmul(y, p["mlp_channels.fc1.weight"].T)  # (M, DC)
         c["dg2"] = xp.empty_like(hid)
         bias_gelu_grad_(hid, p["mlp_channels.fc1.bias"], c["dg2"], cfg.gelu)
@@ -489,22 +489,35 @@ def _mask(shape, rate, rng, like):
 
 def backward(dlogits, cache, *, need_dx=False):
     """Gradients for every parameter (timm names), and dx (B, C, H, W) if need_dx: each share
-    of the batch on its own core, then the shares' gradients summed."""
+    of the batch on its own core, then the shares' gradients summed. It consumes the cache."""
     spans, caches = cache
     xp = get_xp(dlogits)
     by_start = {span[0]: c for span, c in zip(spans, caches)}
-    shares = run_shares(lambda a, b: _backward_share(dlogits[a:b], by_start[a], need_dx), spans)
-    grads = shares[0][0]
-    for other, _ in shares[1:]:
-        for k, g in other.items():
-            grads[k] += g
+    grads = GradientSum()
+    shares = run_shares(lambda a, b: _backward_share(dlogits[a:b], by_start[a], need_dx, grads), spans)
+    grads = grads.total
     dx = None
     if need_dx:
-        dx = xp.concatenate([d for _, d in shares]) if len(shares) > 1 else shares[0][1]
+        dx = xp.concatenate(shares) if len(shares) > 1 else shares[0]
     return grads, dx
 
 
-def _backward_share(dlogits, cache, need_dx):
+class GradientSum:
+    """Gradients summed over the shares as they arrive, so only one set is ever held."""
+
+    def __init__(self):
+        self.total, self.lock = {}, threading.Lock()
+
+    def update(self, grads):
+        for k, g in grads.items():
+            with self.lock:
+                if k not in self.total:
+                    self.total[k] = g
+                    continue
+                self.total[k] += g
+
+
+def _backward_share(dlogits, cache, need_dx, grads_sum):
     params, cfg, x_shape, patches, blocks, (n, r), pooled, drop = cache
     xp = get_xp(dlogits)
     B, N, D = x_shape[0], cfg.num_patches, cfg.embed_dim
@@ -518,14 +531,17 @@ def _backward_share(dlogits, cache, need_dx):
     grads["norm.bias"] = dy.sum(axis=0)
     dh = layernorm_backward_(dy, n, r, params["norm.weight"], xp.empty_like(dy))  # (M, D)
     for i in reversed(range(len(blocks))):
-        c, p, g = blocks[i], blocks[i]["p"], {}
+        c = blocks.pop()  # each block's cache is freed once its gradients are done
+        p, g = c["p"], {}
         # channel mixing
         dt = dh if c["mask2"] is None else (dh.reshape(B, N, D) * c["mask2"]).reshape(M, D)
         g["mlp_channels.fc2.weight"] = dt.T @ c["a2"]  # (D, DC)
         g["mlp_channels.fc2.bias"] = dt.sum(axis=0)
         da = xp.matmul(dt, p["mlp_channels.fc2.weight"])  # (M, DC)
         da *= c["dg2"]
-        g["mlp_channels.fc1.weight"] = da.T @ c["y2"]  # (DC, D)
+        y = c["n2"] * p["norm2.weight"]  # (M, D) the LayerNorm output, rebuilt
+        y += p["norm2.bias"]
+        g["mlp_channels.fc1.weight"] = da.T @ y  # (DC, D)
         g["mlp_channels.fc1.bias"] = da.sum(axis=0)
         dy = xp.matmul(da, p["mlp_channels.fc1.weight"])  # (M, D)
         g["norm2.weight"] = (dy * c["n2"]).sum(axis=0)
@@ -539,15 +555,17 @@ def _backward_share(dlogits, cache, need_dx):
         g["mlp_tokens.fc2.bias"] = dt3.sum(axis=(0, 2))
         da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3)  # (B, DS, D)
         da *= c["dg1"]
-        g["mlp_tokens.fc1.weight"] = xp.matmul(da, c["y1"].transpose(0, 2, 1)).sum(axis=0)  # (DS, N)
+        y = c["n1"] * p["norm1.weight"]  # (M, D) the LayerNorm output, rebuilt
+        y += p["norm1.bias"]
+        g["mlp_tokens.fc1.weight"] = xp.matmul(da, y.reshape(B, N, D).transpose(0, 2, 1)).sum(axis=0)  # (DS, N)
         g["mlp_tokens.fc1.bias"] = da.sum(axis=(0, 2))
         dy = xp.matmul(p["mlp_tokens.fc1.weight"].T, da).reshape(M, D)  # (M, D)
         g["norm1.weight"] = (dy * c["n1"]).sum(axis=0)
         g["norm1.bias"] = dy.sum(axis=0)
         dh += layernorm_backward_(dy, c["n1"], c["r1"], p["norm1.weight"], dy)
-        grads.update({f"blocks.{i}.{k}": v for k, v in g.items()})
+        grads_sum.update({f"blocks.{i}.{k}": v for k, v in g.items()})
     w = params["stem.proj.weight"]
     grads["stem.proj.weight"] = (dh.T @ patches).reshape(w.shape)
     grads["stem.proj.bias"] = dh.sum(axis=0)
-    dx = unpatchify((dh @ w.reshape(D, -1)).reshape(B, N, -1), x_shape, cfg.patch_size) if need_dx else None
-    return grads, dx
+    grads_sum.update(grads)
+    return unpatchify((dh @ w.reshape(D, -1)).reshape(B, N, -1), x_shape, cfg.patch_size) if need_dx else None
