@@ -10,6 +10,9 @@ never a copy that backward can rebuild cheaply.
 Every function runs on NumPy or CuPy arrays alike: `xp` is the module of the
 arrays passed in.
 
+The lines between "### BEGIN SOLUTION" and "### END SOLUTION" are what the
+coursework asks students to write (python -m minimixer.coursework release).
+
 Shape legend:
     B batch, C input channels, H W image height and width, P patch size,
     N tokens (patches) = (H/P)·(W/P), D channels (embed_dim),
@@ -40,7 +43,9 @@ def linear_forward(x, w, b):
     Inputs:  x (..., I), w (O, I), b (O,)
     Returns: out (..., O), cache = (x, w)
     """
+    ### BEGIN SOLUTION
     out = x @ w.T + b  # (..., O)
+    ### END SOLUTION
     cache = (x, w)
     return out, cache
 
@@ -48,9 +53,11 @@ def linear_forward(x, w, b):
 def linear_backward(dout, cache):
     """Returns dx (..., I), dw (O, I), db (O,)."""
     x, w = cache
+    ### BEGIN SOLUTION
     dx = dout @ w  # (..., I)
     dw = dout.reshape(-1, w.shape[0]).T @ x.reshape(-1, w.shape[1])  # (O, I)
     db = _sum_leading(dout)  # (O,)
+    ### END SOLUTION
     return dx, dw, db
 
 
@@ -111,11 +118,13 @@ def layernorm_forward(x, w, b, eps=1e-6):
     """Inputs:  x (..., D), w (D,), b (D,)
     Returns: out (..., D), cache = (x, w, mean, rstd) with mean, rstd (..., 1)
     """
+    ### BEGIN SOLUTION
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean  # (..., D)
     var = (xc * xc).mean(axis=-1, keepdims=True)  # (..., 1) biased, as in PyTorch
     rstd = 1.0 / (var + eps) ** 0.5  # (..., 1)
     out = xc * rstd * w + b  # (..., D)
+    ### END SOLUTION
     cache = (x, w, mean, rstd)
     return out, cache
 
@@ -123,6 +132,7 @@ def layernorm_forward(x, w, b, eps=1e-6):
 def layernorm_backward(dout, cache):
     """Returns dx (..., D), dw (D,), db (D,)."""
     x, w, mean, rstd = cache
+    ### BEGIN SOLUTION
     norm = (x - mean) * rstd  # (..., D) rebuilt from the statistics
     db = _sum_leading(dout)  # (D,)
     dw = _sum_leading(dout * norm)  # (D,)
@@ -131,6 +141,7 @@ def layernorm_backward(dout, cache):
     dx = dnorm - dnorm.mean(axis=-1, keepdims=True)  # (..., D)
     dx -= norm * (dnorm * norm).mean(axis=-1, keepdims=True)  # (..., D)
     dx *= rstd  # (..., D)
+    ### END SOLUTION
     return dx, dw, db
 
 
@@ -142,12 +153,14 @@ def gelu_forward(x, form="erf"):
     Returns: out (...), cache = (x, form)
     """
     xp = get_xp(x)
+    ### BEGIN SOLUTION
     if form == "erf":
         out = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))  # (...)
     elif form == "tanh":
         out = 0.5 * x * (1.0 + xp.tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEF * x**3)))  # (...)
     else:
         raise ValueError(f"unknown GELU form {form!r}; expected one of {GELU_FORMS}")
+    ### END SOLUTION
     cache = (x, form)
     return out, cache
 
@@ -156,6 +169,7 @@ def gelu_backward(dout, cache):
     """Returns dx (...)."""
     x, form = cache
     xp = get_xp(x)
+    ### BEGIN SOLUTION
     if form == "erf":
         cdf = 0.5 * (1.0 + erf(x / math.sqrt(2.0)))  # (...) Φ(x)
         pdf = xp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)  # (...) φ(x)
@@ -164,6 +178,7 @@ def gelu_backward(dout, cache):
         t = xp.tanh(SQRT_2_OVER_PI * (x + GELU_TANH_COEF * x**3))  # (...)
         dt = (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_TANH_COEF * x * x)  # (...)
         dx = dout * (0.5 * (1.0 + t) + 0.5 * x * dt)  # (...)
+    ### END SOLUTION
     return dx
 
 
@@ -174,9 +189,11 @@ def mlp_forward(x, fc1_w, fc1_b, fc2_w, fc2_b, gelu="erf"):
     """Inputs:  x (..., I), fc1_w (HID, I), fc1_b (HID,), fc2_w (I, HID), fc2_b (I,)
     Returns: out (..., I), cache = (fc1_cache, gelu_cache, fc2_cache)
     """
+    ### BEGIN SOLUTION
     h, fc1_cache = linear_forward(x, fc1_w, fc1_b)  # (..., HID)
     a, gelu_cache = gelu_forward(h, gelu)  # (..., HID)
     out, fc2_cache = linear_forward(a, fc2_w, fc2_b)  # (..., I)
+    ### END SOLUTION
     cache = (fc1_cache, gelu_cache, fc2_cache)
     return out, cache
 
@@ -184,9 +201,11 @@ def mlp_forward(x, fc1_w, fc1_b, fc2_w, fc2_b, gelu="erf"):
 def mlp_backward(dout, cache):
     """Returns dx (..., I), dfc1_w, dfc1_b, dfc2_w, dfc2_b."""
     fc1_cache, gelu_cache, fc2_cache = cache
+    ### BEGIN SOLUTION
     da, dfc2_w, dfc2_b = linear_backward(dout, fc2_cache)  # (..., HID)
     dh = gelu_backward(da, gelu_cache)  # (..., HID)
     dx, dfc1_w, dfc1_b = linear_backward(dh, fc1_cache)  # (..., I)
+    ### END SOLUTION
     return dx, dfc1_w, dfc1_b, dfc2_w, dfc2_b
 
 
@@ -203,10 +222,12 @@ def token_mixing_forward(x, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6
     consumer of the residual stream is a LayerNorm over D, which removes exactly that.
     So fc2_b never changes the logits, and its gradient is zero up to rounding.
     """
+    ### BEGIN SOLUTION
     y, norm_cache = layernorm_forward(x, norm_w, norm_b, eps)  # (B, N, D)
     yt = y.transpose(0, 2, 1)  # (B, D, N) each channel becomes a row of N tokens
     zt, mlp_cache = mlp_forward(yt, fc1_w, fc1_b, fc2_w, fc2_b, gelu)  # (B, D, N)
     out = zt.transpose(0, 2, 1)  # (B, N, D)
+    ### END SOLUTION
     cache = (norm_cache, mlp_cache)
     return out, cache
 
@@ -214,9 +235,11 @@ def token_mixing_forward(x, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e-6
 def token_mixing_backward(dout, cache):
     """Returns dx (B, N, D), dnorm_w, dnorm_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b."""
     norm_cache, mlp_cache = cache
+    ### BEGIN SOLUTION
     dzt = dout.transpose(0, 2, 1)  # (B, D, N)
     dyt, dfc1_w, dfc1_b, dfc2_w, dfc2_b = mlp_backward(dzt, mlp_cache)  # (B, D, N)
     dx, dnorm_w, dnorm_b = layernorm_backward(dyt.transpose(0, 2, 1), norm_cache)  # (B, N, D)
+    ### END SOLUTION
     return dx, dnorm_w, dnorm_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b
 
 
@@ -229,8 +252,10 @@ def channel_mixing_forward(x, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e
     Inputs:  x (B, N, D), norm_w norm_b (D,), fc1_w (DC, D), fc1_b (DC,), fc2_w (D, DC), fc2_b (D,)
     Returns: out (B, N, D), cache = (norm_cache, mlp_cache)
     """
+    ### BEGIN SOLUTION
     y, norm_cache = layernorm_forward(x, norm_w, norm_b, eps)  # (B, N, D)
     out, mlp_cache = mlp_forward(y, fc1_w, fc1_b, fc2_w, fc2_b, gelu)  # (B, N, D)
+    ### END SOLUTION
     cache = (norm_cache, mlp_cache)
     return out, cache
 
@@ -238,8 +263,10 @@ def channel_mixing_forward(x, norm_w, norm_b, fc1_w, fc1_b, fc2_w, fc2_b, eps=1e
 def channel_mixing_backward(dout, cache):
     """Returns dx (B, N, D), dnorm_w, dnorm_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b."""
     norm_cache, mlp_cache = cache
+    ### BEGIN SOLUTION
     dy, dfc1_w, dfc1_b, dfc2_w, dfc2_b = mlp_backward(dout, mlp_cache)  # (B, N, D)
     dx, dnorm_w, dnorm_b = layernorm_backward(dy, norm_cache)  # (B, N, D)
+    ### END SOLUTION
     return dx, dnorm_w, dnorm_b, dfc1_w, dfc1_b, dfc2_w, dfc2_b
 
 
@@ -264,12 +291,14 @@ def mixer_block_forward(x, p, eps=1e-6, gelu="erf", drop_path=0.0, rng=None):
              drop_path, the stochastic-depth rate, applied only when a NumPy Generator rng is given
     Returns: out (B, N, D), cache = (token_cache, token_drop, channel_cache, channel_drop)
     """
+    ### BEGIN SOLUTION
     t, token_cache = token_mixing_forward(x, *(p[k] for k in TOKEN_MIXING_KEYS), eps, gelu)  # (B, N, D)
     t, token_drop = drop_path_forward(t, drop_path, rng)  # (B, N, D)
     u = x + t  # (B, N, D)
     c, channel_cache = channel_mixing_forward(u, *(p[k] for k in CHANNEL_MIXING_KEYS), eps, gelu)  # (B, N, D)
     c, channel_drop = drop_path_forward(c, drop_path, rng)  # (B, N, D)
     out = u + c  # (B, N, D)
+    ### END SOLUTION
     cache = (token_cache, token_drop, channel_cache, channel_drop)
     return out, cache
 
@@ -277,6 +306,7 @@ def mixer_block_forward(x, p, eps=1e-6, gelu="erf", drop_path=0.0, rng=None):
 def mixer_block_backward(dout, cache):
     """Returns dx (B, N, D) and the block's gradients, a dict keyed as in BLOCK_KEYS."""
     token_cache, token_drop, channel_cache, channel_drop = cache
+    ### BEGIN SOLUTION
     dc = drop_path_backward(dout, channel_drop)  # (B, N, D)
     du, *dchannel = channel_mixing_backward(dc, channel_cache)  # (B, N, D)
     du += dout  # (B, N, D) the residual passes dout straight through
@@ -284,6 +314,7 @@ def mixer_block_backward(dout, cache):
     dx, *dtoken = token_mixing_backward(dt, token_cache)  # (B, N, D)
     dx += du  # (B, N, D)
     grads = dict(zip(TOKEN_MIXING_KEYS, dtoken)) | dict(zip(CHANNEL_MIXING_KEYS, dchannel))
+    ### END SOLUTION
     return dx, grads
 
 
@@ -361,6 +392,7 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
     Returns: loss (a Python float), dlogits (B, K)
     """
     xp = get_xp(logits, labels)
+    ### BEGIN SOLUTION
     B, K = logits.shape
     if labels.ndim == 1:
         labels = labels.astype(xp.int64, copy=False)
@@ -384,4 +416,5 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
     loss = -float((target * logprobs).sum()) / B
     # d/dlogits of -Σ t·log softmax = softmax·Σt - t (Σt = 1 for proper targets)
     dlogits = (exp / total * target.sum(axis=1, keepdims=True) - target) / B  # (B, K)
+    ### END SOLUTION
     return loss, dlogits
