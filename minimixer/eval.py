@@ -174,7 +174,8 @@ def main(argv=None):
     if interrupted:
         print(f"interrupted after {count} of {total} images: partial results", file=sys.stderr)
     print(f" * Acc@1 {row['top1']:.3f} ({row['top1_err']:.3f}) Acc@5 {row['top5']:.3f} ({row['top5_err']:.3f})")
-    print(f"   {args.model}  weights {weights}  images {count}  skipped {len(skipped)}  "
+    shown = os.path.relpath(weights) if os.path.abspath(weights).startswith(os.getcwd() + os.sep) else weights
+    print(f"   {args.model}  weights {shown}  images {count}  skipped {len(skipped)}  "
           f"params {row['param_count']}M  {row['img_per_sec']:.1f} img/s  backend {args.backend}")
     if args.results_file:
         write_results(args.results_file, row)
