@@ -368,6 +368,7 @@ def _predict_share(params, blocks, x, cfg):
     on_cpu = xp is np
     group = min(B, TOKEN_GROUP) if on_cpu else B
     rows = min(M, max(64, CHANNEL_CHUNK_BYTES // (cfg.channel_hidden * h.itemsize))) if on_cpu else M
+    rows = -(-M // -(-M // rows))  # equal chunks: a small last one would run a slow, thin GEMM
     # reused buffers: fresh large arrays would page-fault on every block
     token_hid = xp.empty((group, cfg.token_hidden, D), h.dtype)  # (g, DS, D)
     token_out = xp.empty((group, N, D), h.dtype)  # (g, N, D)

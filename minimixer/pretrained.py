@@ -113,7 +113,8 @@ def download(name, *, cache_dir=None):
     checksums) and return the local path. Raises WeightsNotFound with manual instructions."""
     _, _, ck = resolve(name)
     if ck is None or ck.repo_id is None:
-        raise WeightsNotFound(f"{name} has no downloadable weights")
+        raise WeightsNotFound(f"no pretrained weights are published for {name}: pass --weights PATH, "
+                              f"or put the file at weights/{name}.safetensors")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import logging as hf_logging
