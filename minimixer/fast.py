@@ -8,13 +8,14 @@ learn the math; read this to see where the time goes on a CPU, and why.
   A naive NumPy Mixer still runs at half timm's speed, because its elementwise work
   (GELU, LayerNorm, bias and residual adds) is single-threaded and streams hidden
   activations of tens of MB through memory about twenty times.
-- So the elementwise work runs in chunks that fit in the L2 cache, in place, on a
-  thread per core (NumPy ufuncs release the GIL), and GELU is written to reuse its
+- So the batch is split into one share per core, each with single-threaded BLAS
+  (run_shares): the GEMMs keep their speed and all the elementwise work runs in parallel
+  (NumPy ufuncs release the GIL).
+- Elementwise work runs in place, in chunks of about L2 size, and GELU reuses its one
   exp: gelu(x) = relu(x) - |x|·q and gelu'(x) = Φ(x) + x·φ(x), with q = Φ(-|x|).
 - Token mixing is a left multiplication, W1 @ y per image, so nothing is transposed.
 - Inference runs the channel MLP over a thousand or so tokens at a time, so its (·, DC)
   hidden stays in L3 and the peak memory stays small.
-- Both inference and training split the batch into one share per core (see run_shares).
 - Training keeps only what backward needs: each LayerNorm's normalized input and its
   rstd (its output, fc1's input, is rebuilt as n·w + b), and for each GELU its output
   and its derivative (the pre-activation itself is never needed again). Backward frees
@@ -31,9 +32,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from . import erf as erf_module
+from . import layers
 from .backend import get_xp
 from .erf import erf
-from . import layers
 from .layers import patchify, unpatchify
 from .model import check_input
 
@@ -53,7 +55,7 @@ def num_threads():
 
 
 def parallel_map(fn, items):
-    """fn over items on the thread pool (the caller works too); for independent ufunc-heavy jobs."""
+    """fn over items on the thread pool, for independent ufunc-heavy jobs (in order)."""
     items = list(items)
     if num_threads() == 1 or len(items) < 2 or getattr(_scratch, "serial", False):
         return [fn(i) for i in items]
@@ -109,9 +111,9 @@ def run_rows(kernel, *arrays):
 
 # Abramowitz & Stegun 7.1.26 for q = Φ(-|x|) = 0.5·erfc(|x|/√2) = P(t)·exp(-x²/2),
 # t = 1/(1 + p|x|/√2); coefficients pre-multiplied by 0.5 (|error| ≤ 0.75e-7)
-AS_P = 0.3275911 / math.sqrt(2.0)
+AS_P = erf_module.AS_P / math.sqrt(2.0)
 AS_INV_P = 1.0 / AS_P
-AS_A = tuple(0.5 * a for a in (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+AS_A = tuple(0.5 * a for a in erf_module.AS_A)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
