@@ -394,7 +394,7 @@ def _predict_share(params, blocks, x, cfg):
         layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps)
         w1, b1 = p["mlp_channels.fc1.weight"], p["mlp_channels.fc1.bias"]
         w2, b2 = p["mlp_channels.fc2.weight"], p["mlp_channels.fc2.bias"]
-        h += b2
+        h += b2  # (M, D)
         for r in range(0, M, rows):
             k = min(rows, M - r)
             hid = xp.matmul(y[r:r + k], w1.T, out=channel_hid[:k])  # (k, DC)
@@ -419,10 +419,10 @@ def forward(params, x, cfg, *, drop_path_rate=0.0, drop_rate=0.0, rng=None):
         for _ in range(cfg.num_blocks):
             masks["blocks"].append((_mask((B, 1, 1), drop_path_rate, rng, x), _mask((B, 1, 1), drop_path_rate, rng, x)))
     if rng is not None and drop_rate:
-        masks["head"] = _mask((B, cfg.embed_dim), drop_rate, rng, x)
+        masks["head"] = _mask((B, cfg.embed_dim), drop_rate, rng, x)  # (B, D)
     spans = split_batch(B) if xp is np else [(0, B)]
     shares = run_shares(lambda a, b: _forward_share(params, x[a:b], cfg, _slice_masks(masks, a, b)), spans)
-    logits = xp.concatenate([s[0] for s in shares]) if len(shares) > 1 else shares[0][0]
+    logits = xp.concatenate([s[0] for s in shares]) if len(shares) > 1 else shares[0][0]  # (B, K)
     return logits, (spans, [s[1] for s in shares])
 
 
@@ -438,18 +438,18 @@ def _forward_share(params, x, cfg, masks):
     patches = patchify(x, cfg.patch_size).reshape(M, -1)  # (M, C·P·P)
     w = params["stem.proj.weight"]
     h = xp.matmul(patches, w.reshape(D, -1).T)  # (M, D)
-    h += params["stem.proj.bias"]
+    h += params["stem.proj.bias"]  # (M, D)
     blocks = []
     for i in range(cfg.num_blocks):
         p = {k[len(f"blocks.{i}."):]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
         c = {"p": p}
         token_mask, channel_mask = masks["blocks"][i] if masks["blocks"] else (None, None)
         # token mixing
-        c["n1"], c["r1"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
+        c["n1"], c["r1"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)  # (M, D), (M, 1), (M, D)
         layernorm_(h, y, p["norm1.weight"], p["norm1.bias"], cfg.ln_eps, norm=c["n1"], rstd=c["r1"])
         y3 = y.reshape(B, N, D)  # not kept: backward rebuilds it from n1 (n·w + b)
         hid = xp.matmul(p["mlp_tokens.fc1.weight"], y3)  # (B, DS, D)
-        c["dg1"] = xp.empty_like(hid)
+        c["dg1"] = xp.empty_like(hid)  # (B, DS, D) gelu'(hid)
         if xp is np:
             for j in range(B):  # per image: the (DS, 1) bias runs along rows
                 bias_gelu_grad_(hid[j], p["mlp_tokens.fc1.bias"][:, None], c["dg1"][j], cfg.gelu)
@@ -457,30 +457,30 @@ def _forward_share(params, x, cfg, masks):
             bias_gelu_grad_(hid, p["mlp_tokens.fc1.bias"][:, None], c["dg1"], cfg.gelu)
         c["a1"] = hid  # gelu output
         t = xp.matmul(p["mlp_tokens.fc2.weight"], hid)  # (B, N, D)
-        t += p["mlp_tokens.fc2.bias"][:, None]
+        t += p["mlp_tokens.fc2.bias"][:, None]  # (B, N, D)
         if token_mask is not None:
-            t *= token_mask
+            t *= token_mask  # (B, N, D) stochastic depth
         c["mask1"] = token_mask
         h += t.reshape(M, D)  # in place: backward keeps the normalized copies, not h
         # channel mixing
-        c["n2"], c["r2"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
+        c["n2"], c["r2"], y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)  # (M, D), (M, 1), (M, D)
         layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps, norm=c["n2"], rstd=c["r2"])
         hid = xp.matmul(y, p["mlp_channels.fc1.weight"].T)  # (M, DC)
-        c["dg2"] = xp.empty_like(hid)
+        c["dg2"] = xp.empty_like(hid)  # (M, DC) gelu'(hid)
         bias_gelu_grad_(hid, p["mlp_channels.fc1.bias"], c["dg2"], cfg.gelu)
-        c["a2"] = hid
+        c["a2"] = hid  # (M, DC) gelu output
         t = xp.matmul(hid, p["mlp_channels.fc2.weight"].T)  # (M, D)
-        t += p["mlp_channels.fc2.bias"]
+        t += p["mlp_channels.fc2.bias"]  # (M, D)
         if channel_mask is not None:
-            t.reshape(B, N, D)[...] *= channel_mask
+            t.reshape(B, N, D)[...] *= channel_mask  # (B, N, D)
         c["mask2"] = channel_mask
-        h += t
+        h += t  # (M, D)
         blocks.append(c)
-    n, r, y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)
+    n, r, y = xp.empty_like(h), xp.empty((M, 1), h.dtype), xp.empty_like(h)  # (M, D), (M, 1), (M, D)
     layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps, norm=n, rstd=r)
     pooled = y.reshape(B, N, D).mean(axis=1)  # (B, D)
     if masks["head"] is not None:
-        pooled = pooled * masks["head"]
+        pooled = pooled * masks["head"]  # (B, D)
     logits = pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
     return logits, (params, cfg, x.shape, patches, blocks, (n, r), pooled, masks["head"])
 
@@ -501,7 +501,7 @@ def backward(dlogits, cache, *, need_dx=False):
     grads = grads.total
     dx = None
     if need_dx:
-        dx = xp.concatenate(shares) if len(shares) > 1 else shares[0]
+        dx = xp.concatenate(shares) if len(shares) > 1 else shares[0]  # (B, C, H, W)
     return grads, dx
 
 
@@ -525,50 +525,50 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
     xp = get_xp(dlogits)
     B, N, D = x_shape[0], cfg.num_patches, cfg.embed_dim
     M = B * N
-    grads = {"head.weight": dlogits.T @ pooled, "head.bias": dlogits.sum(axis=0)}
+    grads = {"head.weight": dlogits.T @ pooled, "head.bias": dlogits.sum(axis=0)}  # (K, D), (K,)
     dpooled = dlogits @ params["head.weight"]  # (B, D)
     if drop is not None:
-        dpooled = dpooled * drop
+        dpooled = dpooled * drop  # (B, D)
     dy = xp.repeat(dpooled[:, None, :] / N, N, axis=1).reshape(M, D)  # (M, D) mean-pool backward
-    grads["norm.weight"] = (dy * n).sum(axis=0)
-    grads["norm.bias"] = dy.sum(axis=0)
+    grads["norm.weight"] = (dy * n).sum(axis=0)  # (D,)
+    grads["norm.bias"] = dy.sum(axis=0)  # (D,)
     dh = layernorm_backward_(dy, n, r, params["norm.weight"], xp.empty_like(dy))  # (M, D)
     for i in reversed(range(len(blocks))):
         c = blocks.pop()  # each block's cache is freed once its gradients are done
         p, g = c["p"], {}
         # channel mixing
-        dt = dh if c["mask2"] is None else (dh.reshape(B, N, D) * c["mask2"]).reshape(M, D)
+        dt = dh if c["mask2"] is None else (dh.reshape(B, N, D) * c["mask2"]).reshape(M, D)  # (M, D)
         g["mlp_channels.fc2.weight"] = dt.T @ c["a2"]  # (D, DC)
-        g["mlp_channels.fc2.bias"] = dt.sum(axis=0)
+        g["mlp_channels.fc2.bias"] = dt.sum(axis=0)  # (D,)
         da = xp.matmul(dt, p["mlp_channels.fc2.weight"])  # (M, DC)
-        da *= c["dg2"]
+        da *= c["dg2"]  # (M, DC) through GELU
         y = c["n2"] * p["norm2.weight"]  # (M, D) the LayerNorm output, rebuilt
-        y += p["norm2.bias"]
+        y += p["norm2.bias"]  # (M, D)
         g["mlp_channels.fc1.weight"] = da.T @ y  # (DC, D)
-        g["mlp_channels.fc1.bias"] = da.sum(axis=0)
+        g["mlp_channels.fc1.bias"] = da.sum(axis=0)  # (DC,)
         dy = xp.matmul(da, p["mlp_channels.fc1.weight"])  # (M, D)
-        g["norm2.weight"] = (dy * c["n2"]).sum(axis=0)
-        g["norm2.bias"] = dy.sum(axis=0)
-        dh += layernorm_backward_(dy, c["n2"], c["r2"], p["norm2.weight"], dy)
+        g["norm2.weight"] = (dy * c["n2"]).sum(axis=0)  # (D,)
+        g["norm2.bias"] = dy.sum(axis=0)  # (D,)
+        dh += layernorm_backward_(dy, c["n2"], c["r2"], p["norm2.weight"], dy)  # (M, D) plus the residual
         # token mixing
-        dt3 = dh.reshape(B, N, D)
+        dt3 = dh.reshape(B, N, D)  # (B, N, D)
         if c["mask1"] is not None:
-            dt3 = dt3 * c["mask1"]
+            dt3 = dt3 * c["mask1"]  # (B, N, D)
         g["mlp_tokens.fc2.weight"] = xp.matmul(dt3, c["a1"].transpose(0, 2, 1)).sum(axis=0)  # (N, DS)
-        g["mlp_tokens.fc2.bias"] = dt3.sum(axis=(0, 2))
+        g["mlp_tokens.fc2.bias"] = dt3.sum(axis=(0, 2))  # (N,)
         da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3)  # (B, DS, D)
-        da *= c["dg1"]
+        da *= c["dg1"]  # (B, DS, D) through GELU
         y = c["n1"] * p["norm1.weight"]  # (M, D) the LayerNorm output, rebuilt
-        y += p["norm1.bias"]
+        y += p["norm1.bias"]  # (M, D)
         g["mlp_tokens.fc1.weight"] = xp.matmul(da, y.reshape(B, N, D).transpose(0, 2, 1)).sum(axis=0)  # (DS, N)
-        g["mlp_tokens.fc1.bias"] = da.sum(axis=(0, 2))
+        g["mlp_tokens.fc1.bias"] = da.sum(axis=(0, 2))  # (DS,)
         dy = xp.matmul(p["mlp_tokens.fc1.weight"].T, da).reshape(M, D)  # (M, D)
-        g["norm1.weight"] = (dy * c["n1"]).sum(axis=0)
-        g["norm1.bias"] = dy.sum(axis=0)
-        dh += layernorm_backward_(dy, c["n1"], c["r1"], p["norm1.weight"], dy)
+        g["norm1.weight"] = (dy * c["n1"]).sum(axis=0)  # (D,)
+        g["norm1.bias"] = dy.sum(axis=0)  # (D,)
+        dh += layernorm_backward_(dy, c["n1"], c["r1"], p["norm1.weight"], dy)  # (M, D) plus the residual
         grads_sum.update({f"blocks.{i}.{k}": v for k, v in g.items()})
     w = params["stem.proj.weight"]
-    grads["stem.proj.weight"] = (dh.T @ patches).reshape(w.shape)
-    grads["stem.proj.bias"] = dh.sum(axis=0)
+    grads["stem.proj.weight"] = (dh.T @ patches).reshape(w.shape)  # (D, C, P, P)
+    grads["stem.proj.bias"] = dh.sum(axis=0)  # (D,)
     grads_sum.update(grads)
     return unpatchify((dh @ w.reshape(D, -1)).reshape(B, N, -1), x_shape, cfg.patch_size) if need_dx else None
