@@ -10,6 +10,7 @@ same weights and inputs and with the same thread count, and the ratio of the med
 throughputs is printed (> 1 means minimixer is faster). --memory measures each side's
 peak working memory (peak RSS minus the RSS before the measured call) in a fresh process.
 """
+import argparse
 import json
 import os
 import platform
@@ -44,7 +45,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="also measure peak working memory (Linux)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--probe", choices=["minimixer", "timm"], help=argparse_suppress())
+    p.add_argument("--probe", choices=["minimixer", "timm"], help=argparse.SUPPRESS)  # internal: --memory's child
     args = p.parse_args(argv)
     model, batch = DEFAULTS[args.mode]
     args.model = args.model or model
@@ -54,11 +55,6 @@ def parse_args(argv):
     if args.dtype == "float16" and (args.backend != "cupy" or args.mode != "infer"):
         p.error("--dtype float16 is for GPU inference (--backend cupy, infer)")
     return args
-
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS
 
 
 # --- the two sides ----------------------------------------------------------------------------------
