@@ -101,21 +101,25 @@ def minimixer_side(args, cfg, params_np, x_np, y_np):
     return step
 
 
-def timm_side(args, cfg, params_np, x_np, y_np):
+def timm_model(cfg):
+    """timm's MlpMixer for a MixerConfig (timm's own init), for comparisons. Imports timm."""
     from functools import partial
 
-    import timm  # noqa: F401  (a clear ImportError if missing)
-    import torch
     from timm.models.mlp_mixer import MlpMixer
     from torch import nn
+    act = partial(nn.GELU, approximate="tanh") if cfg.gelu == "tanh" else nn.GELU
+    return MlpMixer(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                    patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
+                    mlp_ratio=cfg.mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=cfg.ln_eps), act_layer=act)
+
+
+def timm_side(args, cfg, params_np, x_np, y_np):
+    import torch
     device = "cuda" if args.backend == "cupy" else "cpu"
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
-    act = partial(nn.GELU, approximate="tanh") if cfg.gelu == "tanh" else nn.GELU
-    model = MlpMixer(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
-                     patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
-                     mlp_ratio=cfg.mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=cfg.ln_eps), act_layer=act)
+    model = timm_model(cfg)
     model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in params_np.items()}, strict=True)
     dtype = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64}[args.dtype]
     model = model.to(device=device, dtype=dtype)

@@ -15,14 +15,13 @@ import os
 import sys
 import time
 
-import numpy as np
-
 from . import cli
 from .backend import to_backend, to_numpy, xp_for
 from .config import param_count
 from .data import IMG_EXTENSIONS, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, read_label_file
 from .fast import predict
 from .pretrained import WeightsNotFound, data_config, find_weights, imagenet_classes
+from .trainer import count_correct
 from .weights_io import atomic_write_bytes, load_weights
 
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
@@ -157,10 +156,8 @@ def main(argv=None):
     try:
         for x, y in loader.batches():
             logits = to_numpy(predict(params, to_backend(x, args.backend), cfg))
-            top5 = np.argsort(-logits, axis=1)[:, :5]
-            correct1 += int((top5[:, 0] == y).sum())
-            correct5 += int((top5 == y[:, None]).any(axis=1).sum())
-            count += len(y)
+            hits1, hits5 = count_correct(logits, y)
+            correct1, correct5, count = correct1 + hits1, correct5 + hits5, count + len(y)
             if bar is not None:
                 bar.update(len(y))
                 bar.set_postfix(acc1=f"{100 * correct1 / count:.2f}", acc5=f"{100 * correct5 / count:.2f}")

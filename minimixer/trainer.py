@@ -72,6 +72,12 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
     return loss
 
 
+def count_correct(logits, labels):
+    """(top-1 hits, top-5 hits) of NumPy logits (B, K) against labels (B,)."""
+    top5 = np.argsort(-logits, axis=1)[:, :5]  # (B, 5)
+    return int((top5[:, 0] == labels).sum()), int((top5 == labels[:, None]).any(axis=1).sum())
+
+
 def evaluate(params, cfg, batches, backend="numpy"):
     """Top-1 / top-5 accuracy (%) and mean loss over an iterable of (x, y) NumPy batches."""
     correct1 = correct5 = count = 0
@@ -79,10 +85,8 @@ def evaluate(params, cfg, batches, backend="numpy"):
     for x, y in batches:
         logits = to_numpy(fast.predict(params, to_backend(x, backend), cfg))
         loss_sum += softmax_cross_entropy(logits, y)[0] * len(y)
-        top5 = np.argsort(-logits, axis=1)[:, :5]
-        correct1 += int((top5[:, 0] == y).sum())
-        correct5 += int((top5 == y[:, None]).any(axis=1).sum())
-        count += len(y)
+        hits1, hits5 = count_correct(logits, y)
+        correct1, correct5, count = correct1 + hits1, correct5 + hits5, count + len(y)
     if count == 0:
         return {"top1": float("nan"), "top5": float("nan"), "loss": float("nan"), "count": 0}
     return {"top1": 100.0 * correct1 / count, "top5": 100.0 * correct5 / count,

@@ -1,25 +1,17 @@
 """timm as the reference: build timm's MlpMixer for a MixerConfig with deterministic,
 non-trivial weights, and run it forward and backward. Used by the fixture script and
 the live tests; imports torch, so only import it where timm is available."""
-from functools import partial
-
 import numpy as np
 import torch
-from torch import nn
 
 import timm
-from timm.models.mlp_mixer import MlpMixer
+from minimixer.bench import timm_model
 
 
 def timm_mixer(cfg, *, seed=0, dtype=torch.float32):
     """timm's MlpMixer for cfg, with deterministic non-trivial weights (see perturb)."""
     torch.manual_seed(seed)
-    act = partial(nn.GELU, approximate="tanh") if cfg.gelu == "tanh" else nn.GELU
-    model = MlpMixer(num_classes=cfg.num_classes, img_size=cfg.img_size, in_chans=cfg.in_chans,
-                     patch_size=cfg.patch_size, num_blocks=cfg.num_blocks, embed_dim=cfg.embed_dim,
-                     mlp_ratio=cfg.mlp_ratio, norm_layer=partial(nn.LayerNorm, eps=cfg.ln_eps),
-                     act_layer=act)
-    return perturb(model, seed).to(dtype).eval()
+    return perturb(timm_model(cfg), seed).to(dtype).eval()
 
 
 def timm_registered(name, *, seed=0):
