@@ -80,6 +80,11 @@ class MixerConfig:
     def replace(self, **overrides):
         return dataclasses.replace(self, **overrides)
 
+    @classmethod
+    def from_dict(cls, fields):
+        """A config from asdict() output or its JSON round trip (lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
 
 def _is_int(v):
     return isinstance(v, int) and not isinstance(v, bool)

@@ -417,9 +417,10 @@ def forward(params, x, cfg, *, drop_path_rate=0.0, drop_rate=0.0, rng=None):
     masks = {"blocks": [], "head": None}
     if rng is not None and drop_path_rate:
         for _ in range(cfg.num_blocks):
-            masks["blocks"].append((_mask((B, 1, 1), drop_path_rate, rng, x), _mask((B, 1, 1), drop_path_rate, rng, x)))
+            masks["blocks"].append((layers._keep_mask((B, 1, 1), drop_path_rate, rng, x),
+                                    layers._keep_mask((B, 1, 1), drop_path_rate, rng, x)))
     if rng is not None and drop_rate:
-        masks["head"] = _mask((B, cfg.embed_dim), drop_rate, rng, x)  # (B, D)
+        masks["head"] = layers._keep_mask((B, cfg.embed_dim), drop_rate, rng, x)  # (B, D)
     spans = split_batch(B) if xp is np else [(0, B)]
     shares = run_shares(lambda a, b: _forward_share(params, x[a:b], cfg, _slice_masks(masks, a, b)), spans)
     logits = xp.concatenate([s[0] for s in shares]) if len(shares) > 1 else shares[0][0]  # (B, K)
@@ -483,11 +484,6 @@ def _forward_share(params, x, cfg, masks):
         pooled = pooled * masks["head"]  # (B, D)
     logits = pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
     return logits, (params, cfg, x.shape, patches, blocks, (n, r), pooled, masks["head"])
-
-
-def _mask(shape, rate, rng, like):
-    keep = 1.0 - rate
-    return get_xp(like).asarray((rng.random(shape) < keep) / keep, dtype=like.dtype)
 
 
 def backward(dlogits, cache, *, need_dx=False):

@@ -131,10 +131,9 @@ def load_checkpoint(path):
             name, _, key = k[len("opt/"):].rpartition("/")
             opt_state.setdefault(name, {})[key] = v.copy()
     optimizer = json.loads(meta["optimizer"])
-    config = json.loads(meta["config"])
-    config = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     return {"params": params, "optimizer": {**optimizer, "state": opt_state},
-            "config": MixerConfig(**config), "settings": TrainSettings(**json.loads(meta["settings"])),
+            "config": MixerConfig.from_dict(json.loads(meta["config"])),
+            "settings": TrainSettings(**json.loads(meta["settings"])),
             "step": int(meta["step"]), "metrics": json.loads(meta["metrics"]),
             "partial_epoch": json.loads(meta["partial_epoch"])}
 

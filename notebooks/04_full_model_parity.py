@@ -70,7 +70,7 @@ else:
     for name in ("tiny_erf_f64", "small_erf_f32"):
         ref = np.load(ROOT / "tests" / "fixtures" / f"{name}.npz")
         import json
-        cfg = mm.MixerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(str(ref["config"])).items()})
+        cfg = mm.MixerConfig.from_dict(json.loads(str(ref["config"])))
         params = mm.load_weights(ROOT / "tests" / "fixtures" / f"{name}.safetensors", cfg, dtype=ref["x"].dtype)
         logits = mm.predict(params, ref["x"], cfg)
         print(f"{name}: max|Δ| / max|logit| vs timm = {np.abs(logits - ref['logits']).max() / np.abs(ref['logits']).max():.2e}")

@@ -20,9 +20,7 @@ CASES = ["tiny_erf_f64", "tiny_tanh_f64", "small_erf_f32"]
 
 def load_case(name, backend="numpy"):
     ref = np.load(os.path.join(FIXTURES, f"{name}.npz"))
-    kwargs = json.loads(str(ref["config"]))
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
-    cfg = mm.MixerConfig(**kwargs)
+    cfg = mm.MixerConfig.from_dict(json.loads(str(ref["config"])))
     dtype = ref["x"].dtype
     params = mm.load_weights(os.path.join(FIXTURES, f"{name}.safetensors"), cfg, dtype=dtype, backend=backend)
     return cfg, params, ref
