@@ -24,7 +24,7 @@ import numpy as np
 from . import cli
 from .backend import to_backend, to_numpy, xp_for
 from .config import param_count
-from .weights_io import atomic_write_bytes
+from .checkpoints.safetensors_io import atomic_write_bytes
 
 DEFAULTS = {"infer": ("mixer_b16_224", 16), "train": ("mixer_s32_224", 32)}
 

@@ -49,7 +49,7 @@ OVERRIDES = ("num_classes", "img_size", "in_chans", "patch_size", "num_blocks", 
 def config_from_args(args, **defaults):
     """The config of --model (a preset or a pretrained tag) with the override flags that were
     given, and `defaults` for the rest."""
-    from .pretrained import resolve
+    from .checkpoints.registry import resolve
     overrides = dict(defaults)
     overrides.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
     if overrides.get("mlp_ratio") is not None:

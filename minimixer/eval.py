@@ -20,9 +20,9 @@ from .backend import to_backend, to_numpy, xp_for
 from .config import param_count
 from .data import IMG_EXTENSIONS, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, read_label_file
 from .fast import predict
-from .pretrained import WeightsNotFound, data_config, find_weights, imagenet_classes
-from .trainer import count_correct
-from .weights_io import atomic_write_bytes, load_weights
+from .checkpoints.registry import WeightsNotFound, data_config, find_weights, imagenet_classes
+from .metrics import count_correct
+from .checkpoints.safetensors_io import atomic_write_bytes, load_weights
 
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                   "interpolation", "count", "skipped", "img_per_sec"]

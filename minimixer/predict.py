@@ -13,8 +13,8 @@ from . import cli
 from .backend import to_backend, to_numpy, xp_for
 from .data import eval_transform, open_image
 from .fast import predict
-from .pretrained import WeightsNotFound, class_names, data_config, find_weights
-from .weights_io import load_weights
+from .checkpoints.registry import WeightsNotFound, class_names, data_config, find_weights
+from .checkpoints.safetensors_io import load_weights
 
 
 def parse_args(argv):

@@ -16,8 +16,8 @@ from .backend import to_backend, xp_for
 from .config import param_shapes
 from .data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, train_transform
 from .params import init_params
-from .trainer import TrainSettings, fit, load_checkpoint
-from .weights_io import check_state_dict, read_safetensors
+from .train_loop import TrainSettings, fit, load_checkpoint
+from .checkpoints.safetensors_io import check_state_dict, read_safetensors
 
 
 def parse_args(argv):

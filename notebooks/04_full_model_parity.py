@@ -20,7 +20,7 @@ import numpy as np
 
 import minimixer as mm
 from minimixer.data import eval_transform, open_image
-from minimixer.pretrained import class_names
+from minimixer.checkpoints.registry import class_names
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 try:

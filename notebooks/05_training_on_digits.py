@@ -19,7 +19,7 @@ import numpy as np
 
 import minimixer as mm
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.trainer import TrainSettings, evaluate, fit
+from minimixer.train_loop import TrainSettings, evaluate, fit
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 x_train, y_train, x_test, y_test = digits_split()

@@ -23,6 +23,7 @@ def test_bench_writes_json(tmp_path, mode):
     assert "img/s" in r.stdout
 
 
+@pytest.mark.timm
 def test_bench_compare_timm(tmp_path):
     pytest.importorskip("timm")
     out = tmp_path / "b.json"

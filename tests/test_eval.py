@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import minimixer as mm
-from minimixer.pretrained import imagenet_classes
+from minimixer.checkpoints.registry import imagenet_classes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"blue": (20, 30, 220), "green": (30, 200, 40), "red": (210, 25, 35)}

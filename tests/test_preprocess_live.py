@@ -3,6 +3,8 @@ import os
 
 import numpy as np
 import pytest
+
+pytestmark = pytest.mark.timm
 from PIL import Image
 
 timm = pytest.importorskip("timm")

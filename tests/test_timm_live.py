@@ -10,6 +10,8 @@
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.timm
+
 timm = pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
 

@@ -8,6 +8,8 @@ and the final params must agree to 1e-9 relative.
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.timm
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("timm")
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minimixer as mm
-from minimixer import weights_io as W
+from minimixer.checkpoints import safetensors_io as W
 
 TINY = dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6)
 

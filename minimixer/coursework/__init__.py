@@ -30,7 +30,7 @@ import numpy as np
 
 from .. import layers, optim
 from ..cli import ArgumentParser, UserError
-from ..weights_io import atomic_write_bytes
+from ..checkpoints.safetensors_io import atomic_write_bytes
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -14,8 +14,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from .backend import float_dtype, to_backend, to_numpy
-from .config import param_shapes
+from ..backend import float_dtype, to_backend, to_numpy
+from ..config import param_shapes
 
 # safetensors dtype tags we can turn into floats. bf16 has no NumPy dtype: it is
 # the top half of a float32, so we widen its bits by a 16-bit shift.

@@ -22,9 +22,10 @@ from safetensors import safe_open
 from .backend import to_backend, to_numpy
 from .config import MixerConfig
 from .layers import softmax_cross_entropy
+from .metrics import count_correct
 from . import fast
 from .optim import SGD, AdamW, bias_and_norm, clip_grad_norm, lr_at
-from .weights_io import atomic_write_bytes, read_safetensors, save_weights
+from .checkpoints.safetensors_io import atomic_write_bytes, read_safetensors, save_weights
 
 CHECKPOINT_FORMAT = "minimixer-checkpoint-1"
 
@@ -70,12 +71,6 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
     opt.lr = lr
     opt.step(grads)
     return loss
-
-
-def count_correct(logits, labels):
-    """(top-1 hits, top-5 hits) of NumPy logits (B, K) against labels (B,)."""
-    top5 = np.argsort(-logits, axis=1)[:, :5]  # (B, 5)
-    return int((top5[:, 0] == labels).sum()), int((top5 == labels[:, None]).any(axis=1).sum())
 
 
 def evaluate(params, cfg, batches, backend="numpy"):

@@ -3,19 +3,17 @@
 This is the one place that says how each model's inputs are prepared (mean, std,
 crop_pct, interpolation) and where its weights come from. The values are timm's
 pretrained_cfg for the same tags (timm/models/mlp_mixer.py default_cfgs).
-
-    python -m minimixer.weights download mixer_b16_224      # into the Hugging Face cache
-    python -m minimixer.weights list
+The command that uses it is `python -m minimixer.weights` (minimixer/weights.py).
 """
 import os
 import sys
 from dataclasses import dataclass, replace
 from importlib import resources
 
-from .config import PRESETS, get_config
+from ..config import PRESETS, get_config
 
 HF_FILENAME = "model.safetensors"
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUNDLED_DIGITS = os.path.join(PACKAGE_ROOT, "weights", "mixer_digits.safetensors")
 
 
@@ -141,35 +139,3 @@ def find_weights(name, weights="auto", *, cache_dir=None):
         if os.path.exists(path):
             return path
     return download(name, cache_dir=cache_dir)
-
-
-def main(argv=None):
-    """python -m minimixer.weights download NAME [--to DIR] | list"""
-    from .cli import ArgumentParser
-    p = ArgumentParser(prog="python -m minimixer.weights", description="pretrained Mixer weights")
-    sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("download", help="fetch a checkpoint from the Hugging Face hub")
-    d.add_argument("model", help="e.g. mixer_b16_224 or mixer_l16_224.goog_in21k")
-    d.add_argument("--to", metavar="DIR", help="also copy it to DIR/<model>.safetensors (e.g. weights/)")
-    d.add_argument("--cache-dir", help="huggingface_hub cache folder (default: its own)")
-    sub.add_parser("list", help="list the known checkpoints")
-    args = p.parse_args(argv)
-    if args.command == "list":
-        for tag, ck in CHECKPOINTS.items():
-            where = ck.repo_id or "bundled: weights/mixer_digits.safetensors"
-            print(f"{tag:36s} {ck.num_classes:6d} classes  {where}")
-        return 0
-    try:
-        path = download(args.model, cache_dir=args.cache_dir)
-    except (WeightsNotFound, ValueError) as e:
-        print(f"python -m minimixer.weights: error: {e}", file=sys.stderr)
-        return 2
-    if args.to:
-        from .weights_io import atomic_copy
-        os.makedirs(args.to, exist_ok=True)
-        dest = os.path.join(args.to, f"{DEFAULT_TAG.get(args.model, args.model)}.safetensors")
-        atomic_copy(path, dest)
-        path = dest
-    print(path)
-    return 0
-
