@@ -78,7 +78,7 @@ def totals(cfg, rows):
     params = sum(r["params"] for r in rows)
     assert params == param_count(cfg), "the table must account for every parameter"
     return {"params": params, "macs": macs, "flops": 2 * macs, "matmul_macs": matmul,
-            "fvcore_macs": matmul + 5 * N * D * norms + N * D}  # mmengine's newer counter: LayerNorm 5/element
+            "fvcore_macs": matmul + 5 * N * D * norms}  # mmengine's newer counter: LayerNorm 5/element, no biases
 
 
 def si(n, unit):

@@ -101,3 +101,29 @@ def test_profile_command_prints_shares():
 def test_bad_arguments_get_one_line(args, message):
     r = run(*args)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.mmpretrain
+@pytest.mark.parametrize("arch, name", [("b", "mixer_b16_224")])
+def test_fvcore_column_equals_mmengines_counter(arch, name):
+    """mmengine's get_model_complexity_info (fvcore's rules) on MMPretrain's own MlpMixer prints the
+    number the summary reports as 'fvcore-style': it follows a different convention from mmcv 1.x's."""
+    torch = pytest.importorskip("torch")
+    from mmengine.analysis import get_model_complexity_info
+    from mmpretrain.models.backbones.mlp_mixer import MlpMixer
+
+    class Classifier(torch.nn.Module):  # MMPretrain's backbone, GlobalAveragePooling neck, LinearClsHead
+        def __init__(self):
+            super().__init__()
+            self.backbone = MlpMixer(arch=arch)
+            self.fc = torch.nn.Linear(self.backbone.embed_dims, 1000)
+
+        def forward(self, x):
+            return self.fc(self.backbone(x)[-1].mean(dim=2))  # the backbone returns (B, D, N)
+
+    info = get_model_complexity_info(Classifier().eval(), input_shape=(3, 224, 224), show_table=False,
+                                     show_arch=False)
+    cfg = mm.get_config(name)
+    tot = summary.totals(cfg, summary.layer_rows(cfg))
+    print(f"mmengine {info['flops']:,} MACs {info['params']:,} params; summary {tot['fvcore_macs']:,} / {tot['params']:,}")
+    assert info["flops"] == tot["fvcore_macs"] and info["params"] == tot["params"]
