@@ -230,6 +230,8 @@ def resume_conflict(args, spellings, state, path):
                 value, theirs = _pair(value), _pair(theirs)
         else:
             theirs = getattr(settings, dest)
+        if dest == "model" and theirs is None:
+            return f"{flag}: the checkpoint {path} does not record its model's name; leave {flag} out"
         if value != theirs:
             shown = " ".join(map(str, value)) if isinstance(value, tuple) else value
             return (f"{flag} {shown} conflicts with the checkpoint {path}, which has {dest} {theirs}; a resumed run "

@@ -273,7 +273,7 @@ def load_checkpoint(path):
         settings = TrainSettings(**settings)
     except ValueError as e:
         raise bad(f"metadata 'settings': {e}") from None
-    if not re.fullmatch(r"\d{1,15}", meta.get("step", "")):
+    if not re.fullmatch(r"[0-9]{1,15}", meta.get("step", "")):
         raise bad(f"metadata 'step' is not a step number: {meta.get('step', '(missing)')[:80]!r}")
     step = int(meta["step"])
     optimizer = entry("optimizer", dict, lambda o: set(o) == {"lr", "weight_decay", "step"}
@@ -284,15 +284,14 @@ def load_checkpoint(path):
     partial = entry("partial_epoch", dict, lambda p: set(p) == {"loss_sum", "seen", "time"}
                     and _number(p["loss_sum"]) and _count(p["seen"]) and _number(p["time"]))
     model = entry("model", (str, type(None)), default=None)
-    data = entry("data", (dict, type(None)), default=None)
+    data = entry("data", (dict, type(None)), lambda d: d is None or isinstance(d.get("source"), str), default=None)
 
     # tensors: exactly the model's params, then every param's optimizer state, all finite
     if any(not k.startswith(("params/", "opt/")) for k in tensors):
         raise bad(f"unexpected tensor {next(k for k in tensors if not k.startswith(('params/', 'opt/')))!r}")
     params = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
-    if len(params) != 6 + 12 * cfg.num_blocks:  # checked before param_shapes builds a table of that size
-        raise bad(f"{len(params)} parameter tensors, but its config (num_blocks {cfg.num_blocks}) needs "
-                  f"{6 + 12 * cfg.num_blocks}")
+    if cfg.num_blocks > len(params):  # before param_shapes builds a table of 12 names per block
+        raise bad(f"its config has {cfg.num_blocks} blocks, but it holds only {len(params)} parameter tensors")
     shapes = param_shapes(cfg)
     check_state_dict({k: v.shape for k, v in params.items()}, shapes, f"{path}: checkpoint")
     dtypes = {v.dtype for v in params.values()}
@@ -306,7 +305,7 @@ def load_checkpoint(path):
     keys = OPTIMIZERS[settings.optimizer]
     if set(opt_state) - set(params):
         raise bad(f"optimizer state for unknown parameter {sorted(set(opt_state) - set(params))[0]!r}")
-    missing = [f"{n}/{k}" for n in params for k in keys if k not in opt_state.get(n, {})]
+    missing = [f"{n}/{k}" for n in shapes for k in keys if k not in opt_state.get(n, {})]
     if step > 0 and missing:
         raise bad(f"optimizer state is missing for {len(missing)} of {len(params) * len(keys)} entries "
                   f"(first: {missing[0]}); it cannot be resumed exactly")
@@ -412,6 +411,10 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
     if resume is not None:
         opt.load_state_dict(resume["optimizer"])
         step, metrics, partial = resume["step"], list(resume["metrics"]), dict(resume["partial_epoch"])
+        pending = 1 if partial["seen"] and step % steps_per_epoch == 0 else 0  # its epoch end is still to do
+        if len(metrics) != step // steps_per_epoch - pending:
+            raise ValueError(f"the checkpoint's {len(metrics)} metrics rows do not fit its step {step} at "
+                             f"{steps_per_epoch} steps per epoch: other data or batch size?")
     ckpt_path = os.path.join(out_dir, "checkpoint.safetensors")
     saved = {"step": step if resume is not None and os.path.exists(ckpt_path) else None}
 
