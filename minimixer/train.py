@@ -291,6 +291,8 @@ def train(argv):
             data_classes = len(folder[2]) if args.num_classes is None else None
         args.model = model
         cfg = cli.config_from_args(args, **({"num_classes": data_classes} if data_classes else {}))
+        if args.momentum is not None and settings.optimizer != "sgd":
+            notes.append(f"note: --momentum is not used by {settings.optimizer} (only by --optimizer sgd)")
         if os.path.exists(os.path.join(out, "checkpoint.safetensors")):
             notes.append(f"note: starting afresh; the checkpoint in {out} is replaced after the first epoch "
                          "(--resume continues it instead)")

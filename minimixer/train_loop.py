@@ -28,7 +28,8 @@ from .layers import softmax_cross_entropy
 from .metrics import count_correct
 from . import fast
 from .optim import SCHEDULES, SGD, AdamW, bias_and_norm, clip_grad_norm, lr_at
-from .checkpoints.safetensors_io import atomic_write_bytes, check_state_dict, read_safetensors, save_weights
+from .checkpoints.safetensors_io import (atomic_target, atomic_write_bytes, check_state_dict, read_safetensors,
+                                         save_weights)
 
 CHECKPOINT_FORMAT = "minimixer-checkpoint-2"  # 2: sha256 of the whole file, model name, data fingerprint
 OLD_FORMATS = ("minimixer-checkpoint-1",)  # still read: no checksum, no model name or data fingerprint
@@ -160,13 +161,21 @@ def _sha256_field(digest):
     return f'"sha256":"{digest}"'.encode()
 
 
-def checkpoint_bytes(arrays, meta):
-    """The bytes of a checkpoint file: safetensors with meta and its sha256 (see above)."""
+def _signed(arrays, meta):
+    """(header, body) of a checkpoint file: safetensors with meta and its sha256 (see above). The
+    body, all but the few-kB header, is a view: a large checkpoint is not copied to be signed."""
     data = safetensors.numpy.save(arrays, metadata={**meta, "sha256": _UNSIGNED})
     header_end = 8 + int.from_bytes(data[:8], "little")
-    assert data.count(_sha256_field(_UNSIGNED), 0, header_end) == 1
+    head = data[:header_end]
+    assert head.count(_sha256_field(_UNSIGNED)) == 1
     digest = hashlib.sha256(data).hexdigest()
-    return data.replace(_sha256_field(_UNSIGNED), _sha256_field(digest), 1)
+    return head.replace(_sha256_field(_UNSIGNED), _sha256_field(digest)), memoryview(data)[header_end:]
+
+
+def checkpoint_bytes(arrays, meta):
+    """The bytes of a checkpoint file with these tensors and metadata (and its checksum)."""
+    head, body = _signed(arrays, meta)
+    return head + bytes(body)
 
 
 def save_checkpoint(path, params, opt, *, cfg, settings, step, metrics, partial_epoch, model=None, data=None):
@@ -188,8 +197,12 @@ def save_checkpoint(path, params, opt, *, cfg, settings, step, metrics, partial_
         "model": json.dumps(model),
         "data": json.dumps(data),
     }
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    atomic_write_bytes(path, checkpoint_bytes(arrays, meta))
+    head, body = _signed({k: np.ascontiguousarray(v) for k, v in tensors.items()}, meta)
+    with atomic_target(path) as tmp, open(tmp, "wb") as f:
+        f.write(head)
+        f.write(body)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _header_and_metadata(path):
@@ -238,7 +251,14 @@ def load_checkpoint(path):
                          "to start from model weights use --init-from")
     if fmt == CHECKPOINT_FORMAT:
         _verify_checksum(path, header, meta)
+    state = _parse_metadata(path, meta)
+    state["params"], opt_state = _check_tensors(path, tensors, state["config"], state["settings"], state["step"])
+    state["optimizer"]["state"] = opt_state
+    return state
 
+
+def _parse_metadata(path, meta):
+    """The metadata entries, each checked for its type and fields (ValueError naming path and entry)."""
     def bad(what):
         return ValueError(f"{path}: {what}")
 
@@ -255,48 +275,50 @@ def load_checkpoint(path):
             raise bad(f"metadata '{key}' is malformed: {meta[key][:80]!r}")
         return value
 
-    config = entry("config", dict)
-    known = {f.name for f in fields(MixerConfig)}
-    if set(config) != known:
-        unknown, missing = sorted(set(config) - known), sorted(known - set(config))
-        raise bad("metadata 'config' " + (f"has unknown field(s) {unknown}" if unknown else f"lacks {missing}"))
-    try:
-        cfg = MixerConfig.from_dict(config)
-    except Exception as e:  # noqa: BLE001 - any malformed value, reported in one line
-        raise bad(f"metadata 'config': {e}") from None
-    settings = entry("settings", dict)
-    known = {f.name for f in fields(TrainSettings)}
-    if set(settings) != known:
-        unknown, missing = sorted(set(settings) - known), sorted(known - set(settings))
-        raise bad("metadata 'settings' " + (f"has unknown field(s) {unknown}" if unknown else f"lacks {missing}"))
-    try:
-        settings = TrainSettings(**settings)
-    except ValueError as e:
-        raise bad(f"metadata 'settings': {e}") from None
+    def dataclass_entry(key, cls):
+        value, known = entry(key, dict), {f.name for f in fields(cls)}
+        unknown, missing = sorted(set(value) - known), sorted(known - set(value))
+        if unknown or missing:
+            raise bad(f"metadata '{key}' " + (f"has unknown field(s) {unknown}" if unknown else f"lacks {missing}"))
+        try:
+            return cls.from_dict(value) if cls is MixerConfig else cls(**value)
+        except Exception as e:  # noqa: BLE001 - any malformed value (TypeError, OverflowError...), in one line
+            raise bad(f"metadata '{key}': {e}") from None
+
+    cfg, settings = dataclass_entry("config", MixerConfig), dataclass_entry("settings", TrainSettings)
     if not re.fullmatch(r"[0-9]{1,15}", meta.get("step", "")):
         raise bad(f"metadata 'step' is not a step number: {meta.get('step', '(missing)')[:80]!r}")
     step = int(meta["step"])
-    optimizer = entry("optimizer", dict, lambda o: set(o) == {"lr", "weight_decay", "step"}
-                      and _number(o["lr"]) and _number(o["weight_decay"]) and _count(o["step"]) and o["step"] == step)
+    optimizer = entry("optimizer", dict, lambda o: set(o) == {"lr", "weight_decay", "step"} and _number(o["lr"])
+                      and _number(o["weight_decay"]) and _count(o["step"]) and o["step"] == step)
     metrics = entry("metrics", list, lambda rows: all(
         isinstance(r, dict) and r.get("epoch") == i and all(_number(v) for v in r.values())
         for i, r in enumerate(rows, 1)))
     partial = entry("partial_epoch", dict, lambda p: set(p) == {"loss_sum", "seen", "time"}
                     and _number(p["loss_sum"]) and _count(p["seen"]) and _number(p["time"]))
-    model = entry("model", (str, type(None)), default=None)
-    data = entry("data", (dict, type(None)), lambda d: d is None or isinstance(d.get("source"), str), default=None)
+    return {"config": cfg, "settings": settings, "step": step, "optimizer": optimizer, "metrics": metrics,
+            "partial_epoch": partial, "model": entry("model", (str, type(None)), default=None),
+            "data": entry("data", (dict, type(None)), lambda d: d is None or isinstance(d.get("source"), str),
+                          default=None)}
 
-    # tensors: exactly the model's params, then every param's optimizer state, all finite
-    if any(not k.startswith(("params/", "opt/")) for k in tensors):
-        raise bad(f"unexpected tensor {next(k for k in tensors if not k.startswith(('params/', 'opt/')))!r}")
+
+def _check_tensors(path, tensors, cfg, settings, step):
+    """(params, optimizer state): exactly the config's params, every param's optimizer state
+    (after step 0), matching shapes and dtypes, all finite. Arrays are copied (writable)."""
+    def bad(what):
+        return ValueError(f"{path}: {what}")
+
+    stray = [k for k in tensors if not k.startswith(("params/", "opt/"))]
+    if stray:
+        raise bad(f"unexpected tensor {stray[0]!r}")
     params = {k[len("params/"):]: v for k, v in tensors.items() if k.startswith("params/")}
     if cfg.num_blocks > len(params):  # before param_shapes builds a table of 12 names per block
         raise bad(f"its config has {cfg.num_blocks} blocks, but it holds only {len(params)} parameter tensors")
     shapes = param_shapes(cfg)
     check_state_dict({k: v.shape for k, v in params.items()}, shapes, f"{path}: checkpoint")
-    dtypes = {v.dtype for v in params.values()}
-    if len(dtypes) != 1 or dtypes.pop() not in (np.float32, np.float64):
-        raise bad(f"parameters must all be float32 or all float64, got {sorted({str(v.dtype) for v in params.values()})}")
+    dtypes = sorted({str(v.dtype) for v in params.values()})
+    if dtypes not in (["float32"], ["float64"]):
+        raise bad(f"parameters must all be float32 or all float64, got {dtypes}")
     opt_state = {}
     for k, v in tensors.items():
         if k.startswith("opt/"):
@@ -317,10 +339,8 @@ def load_checkpoint(path):
     for name, v in [*params.items(), *((f"opt/{n}/{k}", v) for n, s in opt_state.items() for k, v in s.items())]:
         if not np.isfinite(v).all():
             raise bad(f"tensor {name} holds NaN or infinite values")
-    return {"params": {k: v.copy() for k, v in params.items()},
-            "optimizer": {**optimizer, "state": {n: {k: v.copy() for k, v in s.items()} for n, s in opt_state.items()}},
-            "config": cfg, "settings": settings, "step": step, "metrics": metrics, "partial_epoch": partial,
-            "model": model, "data": data}
+    return ({k: v.copy() for k, v in params.items()},
+            {n: {k: v.copy() for k, v in s.items()} for n, s in opt_state.items()})
 
 
 def write_metrics(out_dir, metrics):
@@ -459,7 +479,7 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
         return metrics
 
     def at_once():
-        return f"interrupted at once (second Ctrl-C) during step {step + 1}; {kept()}"
+        return f"interrupted at once (second Ctrl-C) after step {step}; {kept()}"
 
     bar = None
     with _StopRequest(at_once) as stop, _quiet_overflow():
