@@ -254,82 +254,94 @@ def main(argv=None):
         return 130
 
 
+def resumed_run(args, spellings, out):
+    """The run a checkpoint continues, after checking the flags given against it."""
+    path = os.path.join(out, "checkpoint.safetensors") if args.resume == "auto" else args.resume
+    if not os.path.exists(path):
+        raise cli.UserError(f"--resume: no checkpoint at {path}")
+    resume = load_checkpoint(path)
+    conflict = resume_conflict(args, spellings, resume, path)
+    if conflict:
+        raise cli.UserError(conflict)
+    cfg, settings, notes = resume["config"], resume["settings"], []
+    if args.epochs is not None and args.epochs != settings.epochs:
+        notes.append(f"applying --epochs {args.epochs} (the checkpoint planned {settings.epochs}): "
+                     "the learning-rate schedule is recomputed")
+        settings = replace(settings, epochs=args.epochs)
+    if args.stop_after is not None and args.stop_after <= resume["step"]:
+        raise cli.UserError(f"--stop-after {args.stop_after}: the checkpoint is already at step {resume['step']}")
+    data = args.data or (resume["data"] or {}).get("source") or "digits"
+    if data != "digits" and not os.path.isdir(data) and not args.data:
+        raise cli.UserError(f"--data: the checkpoint's data folder {data} is gone; give --data")
+    model = resume["model"] or f"the checkpoint's Mixer ({cfg.num_blocks} blocks, width {cfg.embed_dim})"
+    print(f"resuming from {path} at step {resume['step']}: {model}")
+    return dict(cfg=cfg, settings=settings, params=lambda: resume["params"], model=resume["model"], shown=model,
+                data=data, folder=None, resume=resume, notes=notes)
+
+
+def fresh_run(args, out):
+    """A new run from the flags: settings, config (classes counted from an image folder), params."""
+    settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)
+                                if getattr(args, f.name) is not None})
+    data, folder, data_classes, notes = args.data or "digits", None, None, []
+    if data != "digits":
+        folder = folder_samples(data)
+        data_classes = len(folder[2]) if args.num_classes is None else None
+    args.model = args.model or DEFAULT_MODEL
+    cfg = cli.config_from_args(args, **({"num_classes": data_classes} if data_classes else {}))
+    dtype = args.dtype or "float32"
+
+    loaded = init_from(args.init_from, cfg, dtype, settings.seed) if args.init_from else None
+
+    def params():  # after the data checks: a large model takes seconds to initialize
+        return loaded if loaded is not None else init_params(cfg, seed=settings.seed, dtype=dtype)
+    if args.momentum is not None and settings.optimizer != "sgd":
+        notes.append(f"note: --momentum is not used by {settings.optimizer} (only by --optimizer sgd)")
+    if os.path.exists(os.path.join(out, "checkpoint.safetensors")):
+        notes.append(f"note: starting afresh; the checkpoint in {out} is replaced after the first epoch "
+                     "(--resume continues it instead)")
+    return dict(cfg=cfg, settings=settings, params=params, model=args.model, shown=args.model, data=data,
+                folder=folder, resume=None, notes=notes)
+
+
+def check_resumed_data(resume, data, info, steps_per_epoch, settings):
+    """The resumed run must see the same images, and not have trained past --epochs already."""
+    theirs = resume["data"]
+    if theirs is not None and any(theirs.get(k) != info[k] for k in ("train_images", "test_images", "sha256")):
+        raise cli.UserError(f"--data {data}: these are not the images the checkpoint was trained on "
+                            f"({info['train_images']} train / {info['test_images']} val usable now, "
+                            f"{theirs.get('train_images')} / {theirs.get('test_images')} then)")
+    done = resume["step"] // steps_per_epoch
+    if settings.epochs < done:
+        raise cli.UserError(f"--epochs {settings.epochs}: the checkpoint has already trained {done} epochs")
+    return resume["step"] >= settings.epochs * steps_per_epoch and not resume["partial_epoch"]["seen"]
+
+
 def train(argv):
     parser, spellings = build_parser()
     args = parser.parse_args(argv)
     xp_for(args.backend)  # fail early and clearly without a GPU
-    model = args.model or DEFAULT_MODEL
-    out = args.out or os.path.join("runs", model)
-    resume, folder, notes = None, None, []
-    if args.resume:
-        path = os.path.join(out, "checkpoint.safetensors") if args.resume == "auto" else args.resume
-        if not os.path.exists(path):
-            raise cli.UserError(f"--resume: no checkpoint at {path}")
-        resume = load_checkpoint(path)
-        conflict = resume_conflict(args, spellings, resume, path)
-        if conflict:
-            raise cli.UserError(conflict)
-        cfg, settings, params = resume["config"], resume["settings"], resume["params"]
-        model = resume["model"] or f"the checkpoint's Mixer ({cfg.num_blocks} blocks, width {cfg.embed_dim})"
-        if args.epochs is not None and args.epochs != settings.epochs:
-            notes.append(f"applying --epochs {args.epochs} (the checkpoint planned {settings.epochs}): "
-                         "the learning-rate schedule is recomputed")
-            settings = replace(settings, epochs=args.epochs)
-        if args.stop_after is not None and args.stop_after <= resume["step"]:
-            raise cli.UserError(f"--stop-after {args.stop_after}: the checkpoint is already at step {resume['step']}")
-        data = args.data or (resume["data"] or {}).get("source") or "digits"
-        if data != "digits" and not os.path.isdir(data) and not args.data:
-            raise cli.UserError(f"--data: the checkpoint's data folder {data} is gone; give --data")
-        print(f"resuming from {path} at step {resume['step']}: {model}")
-    else:
-        settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)
-                                    if getattr(args, f.name) is not None})
-        data = args.data or "digits"
-        data_classes = None
-        if data != "digits":
-            folder = folder_samples(data)
-            data_classes = len(folder[2]) if args.num_classes is None else None
-        args.model = model
-        cfg = cli.config_from_args(args, **({"num_classes": data_classes} if data_classes else {}))
-        if args.momentum is not None and settings.optimizer != "sgd":
-            notes.append(f"note: --momentum is not used by {settings.optimizer} (only by --optimizer sgd)")
-        if os.path.exists(os.path.join(out, "checkpoint.safetensors")):
-            notes.append(f"note: starting afresh; the checkpoint in {out} is replaced after the first epoch "
-                         "(--resume continues it instead)")
-    train_loader, test_loader, classes, data_info = make_loaders(data, cfg, settings, args.workers, folder)
+    out = args.out or os.path.join("runs", args.model or DEFAULT_MODEL)
+    run = resumed_run(args, spellings, out) if args.resume else fresh_run(args, out)
+    cfg, settings, data = run["cfg"], run["settings"], run["data"]
+    train_loader, test_loader, classes, data_info = make_loaders(data, cfg, settings, args.workers, run["folder"])
     if len(classes) > cfg.num_classes:
         raise cli.UserError(f"the data has {len(classes)} classes but the model only {cfg.num_classes}")
     steps_per_epoch = len(train_loader)
-    if resume is not None:
-        theirs = resume["data"]
-        keys = ("train_images", "test_images", "sha256")
-        if theirs is not None and any(theirs.get(k) != data_info[k] for k in keys):
-            raise cli.UserError(f"--data {data}: these are not the images the checkpoint was trained on "
-                                f"({data_info['train_images']} train / {data_info['test_images']} val usable now, "
-                                f"{theirs.get('train_images')} / {theirs.get('test_images')} then)")
-        done = resume["step"] // steps_per_epoch
-        if settings.epochs < done:
-            raise cli.UserError(f"--epochs {settings.epochs}: the checkpoint has already trained {done} epochs")
-        if resume["step"] >= settings.epochs * steps_per_epoch and not resume["partial_epoch"]["seen"]:
-            print(f"nothing to do: the checkpoint has finished all {settings.epochs} epochs; "
-                  "give a larger --epochs to train on")
-            return 0
-    else:
-        dtype = args.dtype or "float32"
-        params = (init_from(args.init_from, cfg, dtype, settings.seed) if args.init_from
-                  else init_params(cfg, seed=settings.seed, dtype=dtype))
-    params = to_backend(params, args.backend)
+    if run["resume"] and check_resumed_data(run["resume"], data, data_info, steps_per_epoch, settings):
+        print(f"nothing to do: the checkpoint has finished all {settings.epochs} epochs; "
+              "give a larger --epochs to train on")
+        return 0
+    params = to_backend(run["params"](), args.backend)
     skipped = data_info["skipped"]
-    print(f"training {model} ({sum(int(np.prod(v.shape)) for v in params.values()):,} params) on {data}: "
-          f"{data_info['train_images']} images"
-          + (f" ({skipped['train']} unreadable skipped)" if skipped["train"] else "")
+    print(f"training {run['shown']} ({sum(int(np.prod(v.shape)) for v in params.values()):,} params) on {data}: "
+          f"{data_info['train_images']} images" + (f" ({skipped['train']} unreadable skipped)" if skipped["train"] else "")
           + f", {steps_per_epoch} steps/epoch x {settings.epochs} epochs, backend {args.backend}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(settings).items()))
-    for note in notes:
+    for note in run["notes"]:
         print(note)
-    metrics = fit(params, cfg, settings, train_loader, test_loader, out, backend=args.backend,
-                  resume=resume, stop_after=args.stop_after, progress=not args.no_progress,
-                  model=resume["model"] if resume else model, data=data_info)
+    metrics = fit(params, cfg, settings, train_loader, test_loader, out, backend=args.backend, resume=run["resume"],
+                  stop_after=args.stop_after, progress=not args.no_progress, model=run["model"], data=data_info)
     if metrics and metrics[-1]["epoch"] == settings.epochs:
         total = skipped["train"] + skipped["test"]
         print(f"done: test top-1 {metrics[-1]['test_top1']:.2f}%; weights in {os.path.join(out, 'model.safetensors')}"
