@@ -195,7 +195,8 @@ def init_from(path, cfg, dtype, seed):
     tensors = read_safetensors(path)
     head = tensors.get("head.weight")
     file_classes = head.shape[0] if head is not None and head.ndim == 2 else cfg.num_classes
-    check_state_dict({k: v.shape for k, v in tensors.items()}, param_shapes(cfg.replace(num_classes=file_classes)), path)
+    check_state_dict({k: v.shape for k, v in tensors.items()}, param_shapes(cfg.replace(num_classes=file_classes)),
+                     path)
     params = {k: v.astype(dtype) for k, v in tensors.items()}
     if file_classes != cfg.num_classes:
         fresh = init_params(cfg, seed=seed, dtype=dtype)
@@ -334,9 +335,11 @@ def train(argv):
         return 0
     params = to_backend(run["params"](), args.backend)
     skipped = data_info["skipped"]
+    images = f"{data_info['train_images']} images"
+    if skipped["train"]:
+        images += f" ({skipped['train']} unreadable skipped)"
     print(f"training {run['shown']} ({sum(int(np.prod(v.shape)) for v in params.values()):,} params) on {data}: "
-          f"{data_info['train_images']} images" + (f" ({skipped['train']} unreadable skipped)" if skipped["train"] else "")
-          + f", {steps_per_epoch} steps/epoch x {settings.epochs} epochs, backend {args.backend}")
+          f"{images}, {steps_per_epoch} steps/epoch x {settings.epochs} epochs, backend {args.backend}")
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(settings).items()))
     for note in run["notes"]:
         print(note)

@@ -474,7 +474,8 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
     def stop_here(stop):
         """After a Ctrl-C or at --stop-after: say where the checkpoint is, and stop."""
         if stop.requested:
-            raise Interrupted(f"interrupted after step {step}: checkpoint written to {ckpt_path} (resume with --resume)")
+            raise Interrupted(f"interrupted after step {step}: checkpoint written to {ckpt_path} "
+                              "(resume with --resume)")
         log(f"stopped after step {step}: checkpoint written to {ckpt_path} (resume with --resume)")
         return metrics
 
