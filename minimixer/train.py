@@ -4,6 +4,13 @@
     python -m minimixer.train --model mixer_s32_224 --data DIR  # DIR/train, DIR/val in ImageFolder layout
     python -m minimixer.train --model mixer_b16_224 --data DIR --init-from weights/mixer_b16_224.safetensors
     python -m minimixer.train --out runs/x --resume             # continue exactly where it stopped
+
+A resumed run takes its model, settings and data from the checkpoint. --epochs may change (the
+schedule is re-planned, as with timm); --data must name the same images; run flags (--out, --backend,
+--workers, --stop-after, --no-progress) apply; any other flag that differs from the checkpoint is refused.
+Unreadable images are named on stderr and left out before the schedule is planned. timm's spellings
+(--output, --initial-checkpoint, --smoothing, --warmup-epochs, --opt, --sched, --drop, -b, -j) are
+aliases of the same flags.
 """
 import argparse
 import hashlib
