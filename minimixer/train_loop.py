@@ -500,7 +500,7 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
                                   rng=np.random.default_rng([settings.seed, step]))
                 if not math.isfinite(loss):
                     raise Diverged(f"the loss became {loss} at step {step + 1} (epoch {epoch + 1}); {kept()}; "
-                                   "lower --lr or set --clip-grad")
+                                   + ("lower --lr" if settings.clip_grad else "lower --lr or set --clip-grad"))
                 step += 1
                 partial["loss_sum"] += loss * len(y)
                 partial["seen"] += len(y)
