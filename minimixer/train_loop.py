@@ -404,6 +404,16 @@ def _quiet_overflow():
         yield
 
 
+@contextmanager
+def _closing(get_bar):
+    """Close the progress bar however the loop ends, so a last message starts on a clean line."""
+    try:
+        yield
+    finally:
+        if get_bar() is not None:
+            get_bar().close()
+
+
 def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="numpy", resume=None,
         stop_after=None, progress=True, log=print, model=None, data=None):
     """Train params in place for settings.epochs, evaluating and checkpointing every epoch.
@@ -473,6 +483,10 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
 
     def stop_here(stop):
         """After a Ctrl-C or at --stop-after: say where the checkpoint is, and stop."""
+        nonlocal bar
+        if bar is not None:
+            bar.close()
+            bar = None
         if stop.requested:
             raise Interrupted(f"interrupted after step {step}: checkpoint written to {ckpt_path} "
                               "(resume with --resume)")
@@ -483,7 +497,7 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
         return f"interrupted at once (second Ctrl-C) after step {step}; {kept()}"
 
     bar = None
-    with _StopRequest(at_once) as stop, _quiet_overflow():
+    with _StopRequest(at_once) as stop, _quiet_overflow(), _closing(lambda: bar):
         if partial["seen"] and step % steps_per_epoch == 0:  # stopped on an epoch's last step before its end
             end_epoch(step // steps_per_epoch - 1)
         for epoch in range(step // steps_per_epoch, settings.epochs):
@@ -510,15 +524,14 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
                     bar.update(1)
                 stopping = stop.requested or (stop_after is not None and step >= stop_after)
                 if stopping and step % steps_per_epoch:  # mid-epoch: the epoch ends after the resume
-                    if bar is not None:
-                        bar.close()
                     checkpoint()
                     return stop_here(stop)
             if bar is not None:
                 bar.close()
+                bar = None
             if step != (epoch + 1) * steps_per_epoch:
                 raise ValueError(f"the train loader gave {step - epoch * steps_per_epoch} batches in epoch "
-                                   f"{epoch + 1}, not the {steps_per_epoch} it promised")
+                                 f"{epoch + 1}, not the {steps_per_epoch} it promised")
             if stop.requested:
                 checkpoint()  # a second Ctrl-C during the evaluation loses nothing
             end_epoch(epoch)
