@@ -63,7 +63,7 @@ class Optimizer:
         unknown = set(state["state"]) - set(self.params)
         if unknown:
             raise KeyError(f"optimizer state for unknown params {sorted(unknown)}")
-        backend = "cupy" if get_xp(*self.params.values()).__name__ == "cupy" else "numpy"
+        backend = "numpy" if get_xp(*self.params.values()) is np else "cupy"
         self.lr, self.weight_decay, self.step_count = state["lr"], state["weight_decay"], state["step"]
         self.state = {k: {n: to_backend(a, backend).astype(self.params[k].dtype, copy=True) for n, a in s.items()}
                       for k, s in state["state"].items()}

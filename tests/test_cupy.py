@@ -123,7 +123,7 @@ def test_fast_predict_float16_close_to_float64():
         got = fast.predict(mm.to_backend(params, "cupy", dtype="float16"), mm.to_backend(x, "cupy", dtype="float16"),
                            cfg)
         assert got.dtype == np.float16
-        assert_all_close([(f"fast predict {name} float16", mm.to_numpy(got), reference_predict(params, x, cfg))], 1e-2)
+        assert_all_close([(f"fast predict {name} float16", mm.to_numpy(got), reference_predict(params, x, cfg))], 3e-3)
 
 
 @pytest.mark.parametrize("regularize", [False, True])
