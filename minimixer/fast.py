@@ -223,7 +223,8 @@ def _cupy_kernel(cp, name):
 
 
 def bias_gelu_(x, bias=None, form="erf"):
-    """x <- gelu(x + bias), in place; x is 2-d (rows, cols), bias is (cols,) or (rows, 1)."""
+    """x <- gelu(x + bias), in place; x is 2-d (rows, cols), bias is (cols,) or (rows, 1)
+    (on CuPy, any shapes that broadcast: one kernel launch)."""
     xp = get_xp(x)
     if xp is np:
         run_rows(_gelu_rows if form == "erf" else _gelu_tanh_rows, x, bias)

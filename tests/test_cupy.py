@@ -167,3 +167,18 @@ def test_fused_gelu_kernels_compute_in_the_arrays_type(form, dtype, tol):
     fast.bias_gelu_(hx, gpu(bias.astype(dtype)), form)
     assert_all_close([(f"gelu {form}", mm.to_numpy(gx), out), (f"gelu' {form}", mm.to_numpy(gd), grad),
                       (f"gelu {form}, forward kernel", mm.to_numpy(hx), out)], tol)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_float16_layernorm_does_not_overflow(on_device, device):
+    """|x - mean| up to ~2000: float16 squares would overflow (var = inf, a zeroed row); the
+    statistics are computed in float32, on NumPy as on the device, by the clear and the fast path."""
+    rng = np.random.default_rng(0)
+    x, w, b = 600 * rng.standard_normal((6, 32)), 1 + 0.1 * rng.standard_normal(32), rng.standard_normal(32)
+    ref, _ = L.layernorm_forward(x, w, b)  # float64
+    move = gpu if on_device else (lambda a: a)
+    x16, w16, b16 = (move(a.astype(np.float16)) for a in (x, w, b))
+    clear, _ = L.layernorm_forward(x16, w16, b16)
+    fast_out = fast.layernorm_(x16, mm.get_xp(x16).empty_like(x16), w16, b16)
+    assert clear.dtype == fast_out.dtype == np.float16
+    assert_all_close([("clear float16", mm.to_numpy(clear), ref), ("fast float16", mm.to_numpy(fast_out), ref)], 2e-3)

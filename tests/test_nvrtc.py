@@ -92,3 +92,22 @@ def test_a_broken_kernel_fails_to_compile():
     with pytest.raises(nvrtc.NVRTCError) as e:
         compile_ptx(kernel_source(name, broken, "float32", 2, True), "compute_80")
     assert "erf_misspelled" in str(e.value.__cause__)
+
+
+def test_standin_only_offers_what_real_cupy_has():
+    """tests/fake_cupy.py must not invent API: every name minimixer could reach on it exists in CuPy."""
+    import fake_cupy
+    own = {"Stats", "stats", "install", "counting", "HostDeviceMixError", "MemoryPointer", "KERNEL_EMULATIONS"}
+    modules = {"builtins", "collections", "contextlib", "math", "operator", "os", "types", "weakref"}
+    names = [n for n in dir(fake_cupy) if not n.startswith("_") and n not in own | modules]
+    assert [n for n in names if not hasattr(cupy, n)] == []
+    assert all(hasattr(cupy.cuda, n) for n in vars(fake_cupy.cuda))
+    assert all(hasattr(cupy.cuda.runtime, n) for n in vars(fake_cupy.cuda.runtime))
+    assert all(hasattr(cupy._core, n) for n in vars(fake_cupy._core))
+    linalg = cupy._core._routines_linalg
+    assert all(getattr(linalg, n) == getattr(fake_cupy._core._routines_linalg, n) for n in dir(linalg)
+               if n.startswith("COMPUTE_TYPE_"))
+    pool = cupy.get_default_memory_pool()
+    assert all(hasattr(pool, n) for n in ("malloc", "used_bytes", "total_bytes", "free_all_blocks"))
+    methods = [n for n, v in vars(fake_cupy.ndarray).items() if not n.startswith("_")]
+    assert [n for n in methods if not hasattr(cupy.ndarray, n)] == []
