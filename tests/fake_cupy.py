@@ -114,7 +114,7 @@ class MemoryPointer:
         self.free()
 
 
-class MemoryPool:
+class _MemoryPool:
     """Counts the bytes held by live arrays (sizes rounded to 512 bytes, as CuPy's pool does)."""
 
     def __init__(self):
@@ -135,7 +135,7 @@ class MemoryPool:
 
 class _Memory:
     def __init__(self):
-        self.pool = MemoryPool()
+        self.pool = _MemoryPool()
         self.allocator = self.pool.malloc
         self.tracked = {}  # id(root ndarray) -> weakref.finalize holding its MemoryPointer
 
@@ -428,7 +428,7 @@ class ElementwiseKernel:
 
 # --- cupy.cuda and cupy._core -----------------------------------------------------------------------
 
-class Device:
+class _Device:
     def __init__(self, device=0):
         self.id = device
         self.compute_capability = "90"
@@ -448,10 +448,10 @@ def _set_allocator(allocator=None):
 
 
 cuda = types.SimpleNamespace(
-    Device=Device,
+    Device=_Device,
     set_allocator=_set_allocator,
     get_allocator=lambda: _memory.allocator,
-    MemoryPool=MemoryPool,
+    MemoryPool=_MemoryPool,
     runtime=types.SimpleNamespace(
         getDeviceProperties=lambda i: {"name": b"fake_cupy (NumPy stand-in, no GPU)", "major": 9, "minor": 0,
                                        "totalGlobalMem": 80 << 30},
