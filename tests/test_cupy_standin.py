@@ -162,29 +162,29 @@ def test_predict_command_on_standin_equals_numpy(fake, capsys, monkeypatch):
 def test_eval_command_on_standin_equals_numpy(fake, capsys):
     results = {}
     for backend in ("numpy", "cupy"):
-        assert eval_cmd.main(["--backend", backend, "--no-progress", "--limit", "128"]) == 0
+        assert eval_cmd.main(["--backend", backend, "--no-progress", "--limit", "64"]) == 0
         results[backend] = capsys.readouterr().out.splitlines()[0]
     assert results["cupy"] == results["numpy"] and "Acc@1" in results["cupy"], results
-    assert fake.stats.launches["minimixer_bias_gelu"] == 2 * mm.get_config("mixer_digits").num_blocks * 4  # 4 batches
+    assert fake.stats.launches["minimixer_bias_gelu"] == 2 * mm.get_config("mixer_digits").num_blocks * 2  # 2 batches
 
 
-def small_digits():
+def small_digits(batch_size):
     from test_train import small_digits as make
-    return make()
+    return make(batch_size)
 
 
 def test_train_and_resume_on_standin_equal_numpy(fake, tmp_path):
     """fit() on the 'cupy' backend: interrupted and resumed equals uninterrupted, and both follow
     the NumPy run's losses."""
     cfg = mm.get_config("mixer_digits", embed_dim=16, num_blocks=2)
-    settings = TrainSettings(epochs=1, batch_size=32, lr=3e-3, warmup=0.5, drop_path=0.1, dropout=0.1, seed=3)
-    train, test = small_digits()
+    settings = TrainSettings(epochs=1, batch_size=64, lr=3e-3, warmup=0.5, drop_path=0.1, dropout=0.1, seed=3)
+    train, test = small_digits(batch_size=64)  # 4 steps
     quiet = dict(progress=False, log=lambda s: None)
     ref = fit(mm.init_params(cfg, seed=3), cfg, settings, train, test, str(tmp_path / "n"), **quiet)
     straight = mm.to_backend(mm.init_params(cfg, seed=3), "cupy")
     metrics = fit(straight, cfg, settings, train, test, str(tmp_path / "a"), backend="cupy", **quiet)
     stopped = mm.to_backend(mm.init_params(cfg, seed=3), "cupy")
-    fit(stopped, cfg, settings, train, test, str(tmp_path / "b"), backend="cupy", stop_after=5, **quiet)
+    fit(stopped, cfg, settings, train, test, str(tmp_path / "b"), backend="cupy", stop_after=2, **quiet)
     state = load_checkpoint(str(tmp_path / "b" / "checkpoint.safetensors"))
     resumed = mm.to_backend(state["params"], "cupy")
     resumed_metrics = fit(resumed, cfg, settings, train, test, str(tmp_path / "b"), backend="cupy", resume=state,
@@ -235,11 +235,11 @@ def test_bench_tf32_is_set_and_recorded_whatever_cupy_tf32_says(fake, tmp_path, 
 @pytest.mark.parametrize("mode", ["infer", "train"])
 def test_bench_memory_probe_measures_device_memory(fake, capsys, mode):
     """--memory's child process, run here: on CuPy it reads the memory pool, not the host's RSS."""
-    assert bench.main([mode, "--model", "mixer_digits", "--batch-size", "16", "--backend", "cupy",
+    assert bench.main([mode, "--model", "mixer_digits", "--batch-size", "8", "--backend", "cupy",
                        "--probe", "minimixer"]) == 0
     m = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert m["measured"].startswith("device: CuPy memory pool")
     cfg = mm.get_config("mixer_digits")
-    hidden = 16 * cfg.num_patches * cfg.channel_hidden * 4 / 2**20  # one channel-MLP hidden, float32
+    hidden = 8 * cfg.num_patches * cfg.channel_hidden * 4 / 2**20  # one channel-MLP hidden, float32
     assert hidden <= m["peak_working_mb"] < 200 * hidden, m
     assert fake.cuda.get_allocator() == fake.get_default_memory_pool().malloc  # the pool's own allocator again
