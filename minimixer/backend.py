@@ -11,12 +11,26 @@ import numpy as np
 
 BACKENDS = ("numpy", "cupy")
 
+# The cupy module, once imported. A test may put a stand-in here (tests/fake_cupy.py:
+# NumPy-backed, strict about host transfers) to drive the CuPy code paths without a GPU.
+_cupy = None
+
+
+def _import_cupy():
+    global _cupy
+    if _cupy is None:
+        import cupy
+        _cupy = cupy
+    return _cupy
+
 
 class BackendError(RuntimeError):
     """The requested backend cannot run here (CuPy missing, or no usable GPU)."""
 
 
 def _is_cupy_array(a):
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        return True
     return type(a).__module__.split(".")[0] == "cupy"
 
 
@@ -27,15 +41,14 @@ def get_xp(*arrays):
         if not all(on_gpu):
             raise TypeError("arrays are on different backends (some numpy, some cupy); "
                             "move them together with minimixer.to_backend(obj, backend)")
-        import cupy  # already imported by whoever made the array
-        return cupy
+        return _import_cupy()  # already imported by whoever made the array
     return np
 
 
 def cupy_module():
     """Import cupy, checking that a CUDA GPU is usable; raise BackendError otherwise."""
     try:
-        import cupy
+        cupy = _import_cupy()
     except ImportError as e:
         raise BackendError("backend 'cupy' needs CuPy: pip install 'minimixer[cuda12]' "
                            "(or [cuda13] for CUDA 13)") from e

@@ -8,7 +8,9 @@
 With --compare timm, timm runs alternately with minimixer in the same process, on the
 same weights and inputs and with the same thread count, and the ratio of the median
 throughputs is printed (> 1 means minimixer is faster). --memory measures each side's
-peak working memory (peak RSS minus the RSS before the measured call) in a fresh process.
+peak working memory in a fresh process: on the CPU, peak RSS minus the RSS before the
+measured call; on a GPU, device memory: the peak of CuPy's memory pool (bytes in use) against
+torch.cuda.max_memory_allocated, each beyond what was allocated before the call.
 """
 import argparse
 import json
@@ -40,7 +42,8 @@ def parse_args(argv):
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
                    help="minimixer's fast path (minimixer.predict, the trainer) or the clear one (model.py)")
     p.add_argument("--compare", choices=["timm"], help="also time timm, alternating with minimixer")
-    p.add_argument("--tf32", action="store_true", help="GPU: allow TF32 matmuls on both sides (default: off on both)")
+    p.add_argument("--tf32", action="store_true",
+                   help="GPU: allow TF32 matmuls on both sides (default: off on both, whatever CUPY_TF32 says)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--memory", action="store_true", help="also measure peak working memory (Linux)")
@@ -75,6 +78,8 @@ def minimixer_side(args, cfg, params_np, x_np, y_np):
     params = to_backend(params_np, backend)
     x, y = to_backend(x_np, backend), to_backend(y_np, backend)
     xp = xp_for(backend)
+    if backend == "cupy":
+        set_cupy_tf32(xp, args.tf32)
     sync = (lambda: xp.cuda.Device().synchronize()) if backend == "cupy" else (lambda: None)
     if args.mode == "infer":
         run_predict = fast.predict if args.path == "fast" else model.predict
@@ -99,6 +104,28 @@ def minimixer_side(args, cfg, params_np, x_np, y_np):
         sync()
         return logits
     return step
+
+
+def set_cupy_tf32(cp, on):
+    """CuPy's float32 matmul compute type, set explicitly: CuPy reads CUPY_TF32 only lazily, at its
+    first float32 matmul, so an exported CUPY_TF32=1 would otherwise turn TF32 on unasked."""
+    linalg = cp._core._routines_linalg
+    cp._core.set_compute_type(cp.float32, linalg.COMPUTE_TYPE_TF32 if on else linalg.COMPUTE_TYPE_DEFAULT)
+
+
+def tf32_in_use(args):
+    """What each side really uses, read back (a GPU older than Ampere refuses TF32). CuPy consults its
+    compute type only in 2-D matmuls (cupy.dot's path); its batched (3-D) matmuls run in float32."""
+    out = {"requested": args.tf32}
+    cp = xp_for("cupy")
+    linalg = cp._core._routines_linalg
+    out["minimixer"] = cp._core.get_compute_type(cp.float32) == linalg.COMPUTE_TYPE_TF32
+    out["minimixer_scope"] = "2-D matmuls only; batched matmuls float32"
+    if args.compare:
+        import torch
+        out["timm"] = bool(torch.backends.cuda.matmul.allow_tf32)
+        out["timm_cudnn"] = bool(torch.backends.cudnn.allow_tf32)
+    return out
 
 
 def timm_model(cfg):
@@ -164,6 +191,37 @@ def rss_kb(field):
     raise OSError(f"{field} not in /proc/self/status")
 
 
+def device_memory(args, step):
+    """Peak device memory of one step() beyond what was allocated before it. CuPy: every allocation
+    goes through its memory pool; a wrapped allocator records the pool's bytes in use after each one
+    (the peak is reached at an allocation). torch: its caching allocator's max_memory_allocated."""
+    if args.probe == "timm":
+        import torch
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        peak, what = torch.cuda.max_memory_allocated(), "device: torch.cuda.max_memory_allocated"
+    else:
+        cp = xp_for("cupy")
+        pool = cp.get_default_memory_pool()
+        before = peak = pool.used_bytes()
+
+        def malloc(size):
+            nonlocal peak
+            mem = pool.malloc(size)
+            peak = max(peak, pool.used_bytes())
+            return mem
+        cp.cuda.Device().synchronize()
+        cp.cuda.set_allocator(malloc)
+        try:
+            step()
+        finally:
+            cp.cuda.set_allocator(pool.malloc)
+        what = "device: CuPy memory pool, peak bytes in use"
+    return {"peak_working_mb": (peak - before) / 2**20, "before_mb": before / 2**20, "measured": what}
+
+
 def probe_memory(args, cfg):
     """In this (fresh) process: one warm-up call, reset the peak RSS, one measured call."""
     params, x, y = inputs(args, cfg)
@@ -171,12 +229,16 @@ def probe_memory(args, cfg):
     step = side(args, cfg, params, x, y)
     del params
     step()
+    if args.backend == "cupy":  # RSS cannot see GPU allocations
+        print(json.dumps(device_memory(args, step)))
+        return
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
     before = rss_kb("VmRSS")
     step()
     peak = rss_kb("VmHWM")
-    print(json.dumps({"peak_working_mb": (peak - before) / 1024, "rss_before_mb": before / 1024}))
+    print(json.dumps({"peak_working_mb": (peak - before) / 1024, "before_mb": before / 1024,
+                      "measured": "host: peak RSS"}))
 
 
 def measure_memory(args, argv):
@@ -222,7 +284,7 @@ def machine_info(args):
         cp = xp_for("cupy")
         props = cp.cuda.runtime.getDeviceProperties(0)
         info.update(gpu=props["name"].decode() if isinstance(props["name"], bytes) else props["name"],
-                    cupy=cp.__version__, tf32=args.tf32)
+                    cupy=cp.__version__, tf32=tf32_in_use(args))
     return info
 
 
@@ -249,6 +311,10 @@ def main(argv=None):
     what = "inference" if args.mode == "infer" else "train step (forward + backward + AdamW)"
     print(f"{args.model} {what}, batch {args.batch_size}, {args.dtype}, backend {args.backend}, "
           f"minimixer path {args.path}, {param_count(cfg) / 1e6:.1f}M params")
+    if args.backend == "cupy":
+        tf32 = tf32_in_use(args)
+        print("TF32 matmuls: minimixer " + ("on (2-D matmuls)" if tf32["minimixer"] else "off")
+              + ("" if "timm" not in tf32 else ", timm " + ("on" if tf32["timm"] else "off")))
     outputs = {}
     for name, step in sides.items():  # warm-up: first-touch allocations, BLAS buffers, GPU kernels
         for _ in range(args.warmup):
@@ -284,7 +350,7 @@ def main(argv=None):
                 print(f"memory {name}: {m['error']}")
             else:
                 print(f"memory {name:10s} peak working {m['peak_working_mb']:8.1f} MB "
-                      f"(beyond {m['rss_before_mb']:.0f} MB of weights, inputs and runtime)")
+                      f"(beyond {m['before_mb']:.0f} MB of weights, inputs and runtime; {m['measured']})")
         if args.compare and all("error" not in m for m in mem.values()):
             result["memory_ratio"] = mem["minimixer"]["peak_working_mb"] / mem["timm"]["peak_working_mb"]
             print(f"memory minimixer/timm: {result['memory_ratio']:.3f}")

@@ -189,40 +189,47 @@ def _gelu_tanh_grad_rows(x, bias, d):
     x[...] = out
 
 
-def _cupy_kernels(cp):
-    """Fused CUDA kernels (built once per process). CUDA has an exact erff."""
-    if not hasattr(_cupy_kernels, "cache"):
-        _cupy_kernels.cache = {
-            "gelu": cp.ElementwiseKernel(
-                "T b", "T x", "float v = (float)x + (float)b; x = (T)(0.5f * v * (1.0f + erff(v * 0.70710678f)));",
-                "minimixer_bias_gelu"),
-            "gelu_grad": cp.ElementwiseKernel(
-                "T b", "T x, T d",
-                "float v = (float)x + (float)b; float cdf = 0.5f * (1.0f + erff(v * 0.70710678f));"
-                "d = (T)(cdf + v * expf(-0.5f * v * v) * 0.3989422804f); x = (T)(v * cdf);",
-                "minimixer_bias_gelu_grad"),
-            "gelu_tanh": cp.ElementwiseKernel(
-                "T b", "T x",
-                "float v = (float)x + (float)b; x = (T)(0.5f * v * (1.0f + tanhf(0.7978845608f * (v + 0.044715f * v * v * v))));",
-                "minimixer_bias_gelu_tanh"),
-            "gelu_tanh_grad": cp.ElementwiseKernel(
-                "T b", "T x, T d",
-                "float v = (float)x + (float)b; float t = tanhf(0.7978845608f * (v + 0.044715f * v * v * v));"
-                "d = (T)(0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * 0.7978845608f * (1.0f + 0.134145f * v * v));"
-                "x = (T)(0.5f * v * (1.0f + t));",
-                "minimixer_bias_gelu_tanh_grad"),
-        }
-    return _cupy_kernels.cache
+# Fused CUDA kernels for CuPy: (in params, out params, body) by name; tests/test_nvrtc.py compiles
+# each for float16/32/64. C is the type they compute in: float for float16 and float32 arrays (CUDA's
+# erff is within 2 ulp), double for float64 (erf, exp, tanh in double), as the NumPy path computes.
+CUPY_PREAMBLE = """
+template <typename T> struct minimixer_compute { typedef float type; };
+template <> struct minimixer_compute<double> { typedef double type; };
+"""
+_V = "typedef minimixer_compute<T>::type C; C v = (C)x + (C)b;"
+_ERF_CDF = f"C cdf = C(0.5) * (C(1) + erf(v * C({math.sqrt(0.5)!r})));"
+_TANH = (f"C t = tanh(C({layers.SQRT_2_OVER_PI!r}) * (v + C({layers.GELU_TANH_COEF!r}) * v * v * v));")
+CUPY_KERNELS = {
+    "minimixer_bias_gelu": ("T b", "T x", f"{_V} {_ERF_CDF} x = (T)(v * cdf);"),
+    "minimixer_bias_gelu_grad": (
+        "T b", "T x, T d",
+        f"{_V} {_ERF_CDF} d = (T)(cdf + v * exp(C(-0.5) * v * v) * C({INV_SQRT_2PI!r})); x = (T)(v * cdf);"),
+    "minimixer_bias_gelu_tanh": ("T b", "T x", f"{_V} {_TANH} x = (T)(C(0.5) * v * (C(1) + t));"),
+    "minimixer_bias_gelu_tanh_grad": (
+        "T b", "T x, T d",
+        f"{_V} {_TANH} d = (T)(C(0.5) * (C(1) + t) + C(0.5) * v * (C(1) - t * t) * C({layers.SQRT_2_OVER_PI!r})"
+        f" * (C(1) + C({3 * layers.GELU_TANH_COEF!r}) * v * v)); x = (T)(C(0.5) * v * (C(1) + t));"),
+}
+_GELU_KERNEL = {("erf", False): "minimixer_bias_gelu", ("erf", True): "minimixer_bias_gelu_grad",
+                ("tanh", False): "minimixer_bias_gelu_tanh", ("tanh", True): "minimixer_bias_gelu_tanh_grad"}
+
+
+def _cupy_kernel(cp, name):
+    """CUPY_KERNELS[name] as a cp.ElementwiseKernel, built once per process (CuPy compiles it on first use)."""
+    cache = _cupy_kernel.__dict__.setdefault("cache", {})
+    if (cp, name) not in cache:
+        cache[cp, name] = cp.ElementwiseKernel(*CUPY_KERNELS[name], name, preamble=CUPY_PREAMBLE)
+    return cache[cp, name]
 
 
 def bias_gelu_(x, bias=None, form="erf"):
-    """x <- gelu(x + bias), in place; x is 2-d (rows, cols), bias is (cols,) or (rows, 1)."""
+    """x <- gelu(x + bias), in place; x is 2-d (rows, cols), bias is (cols,) or (rows, 1)
+    (on CuPy, any shapes that broadcast: one kernel launch)."""
     xp = get_xp(x)
     if xp is np:
         run_rows(_gelu_rows if form == "erf" else _gelu_tanh_rows, x, bias)
     else:
-        kernel = _cupy_kernels(xp)["gelu" if form == "erf" else "gelu_tanh"]
-        kernel(xp.zeros((), x.dtype) if bias is None else bias, x)
+        _cupy_kernel(xp, _GELU_KERNEL[form, False])(xp.zeros((), x.dtype) if bias is None else bias, x)
     return x
 
 
@@ -232,15 +239,15 @@ def bias_gelu_grad_(x, bias, d, form="erf"):
     if xp is np:
         run_rows(_gelu_grad_rows if form == "erf" else _gelu_tanh_grad_rows, x, bias, d)
     else:
-        kernel = _cupy_kernels(xp)["gelu_grad" if form == "erf" else "gelu_tanh_grad"]
-        kernel(xp.zeros((), x.dtype) if bias is None else bias, x, d)
+        _cupy_kernel(xp, _GELU_KERNEL[form, True])(xp.zeros((), x.dtype) if bias is None else bias, x, d)
     return x, d
 
 
 def _layernorm_rows(x, out, w, b, norm, rstd_out, eps):
-    mean = x.mean(axis=1, keepdims=True)
+    acc = np.promote_types(x.dtype, np.float32)  # float16: statistics in float32, its squares overflow
+    mean = x.mean(axis=1, keepdims=True, dtype=acc)
     np.subtract(x, mean, out=out)
-    var = np.einsum("ij,ij->i", out, out)[:, None] / x.shape[1]
+    var = np.einsum("ij,ij->i", out, out, dtype=acc)[:, None] / x.shape[1]
     rstd = 1.0 / np.sqrt(var + eps)
     out *= rstd
     if norm is not None:
@@ -259,9 +266,11 @@ def layernorm_(x, out, w=None, b=None, eps=1e-6, norm=None, rstd=None):
     if xp is np:
         run_rows(lambda xs, os_, ns, rs: _layernorm_rows(xs, os_, w, b, ns, rs, eps), x, out, norm, rstd)
         return out
-    mean = x.mean(axis=1, keepdims=True)
+    acc = xp.promote_types(x.dtype, xp.float32)  # float16: statistics in float32, its squares overflow
+    mean = x.mean(axis=1, keepdims=True, dtype=acc)
     xp.subtract(x, mean, out=out)
-    r = 1.0 / xp.sqrt((out * out).mean(axis=1, keepdims=True) + eps)
+    xc = out.astype(acc, copy=False)
+    r = 1.0 / xp.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
     out *= r
     if norm is not None:
         norm[...] = out
@@ -385,8 +394,11 @@ def _predict_share(params, blocks, x, cfg):
         for g in range(0, B, group):
             k = min(group, B - g)
             hid = xp.matmul(w1, y3[g:g + k], out=token_hid[:k])  # (k, DS, D)
-            for j in range(k):
-                bias_gelu_(hid[j], b1, cfg.gelu)
+            if on_cpu:
+                for j in range(k):
+                    bias_gelu_(hid[j], b1, cfg.gelu)
+            else:  # one kernel launch for the whole batch (the kernel broadcasts the (DS, 1) bias)
+                bias_gelu_(hid, b1, cfg.gelu)
             out = xp.matmul(w2, hid, out=token_out[:k])  # (k, N, D)
             out += b2
             h3[g:g + k] += out

@@ -118,6 +118,9 @@ def layernorm_forward(x, w, b, eps=1e-6):
     """Inputs:  x (..., D), w (D,), b (D,)
     Returns: out (..., D), cache = (x, w, mean, rstd) with mean, rstd (..., 1)
     """
+    # float16 is normalized in float32, as PyTorch does: its squares overflow past |x - mean| ≈ 256
+    in_dtype = x.dtype
+    x = x.astype(get_xp(x).promote_types(in_dtype, "float32"), copy=False)
     ### BEGIN SOLUTION
     mean = x.mean(axis=-1, keepdims=True)  # (..., 1)
     xc = x - mean  # (..., D)
@@ -126,7 +129,7 @@ def layernorm_forward(x, w, b, eps=1e-6):
     out = xc * rstd * w + b  # (..., D)
     ### END SOLUTION
     cache = (x, w, mean, rstd)
-    return out, cache
+    return out.astype(in_dtype, copy=False), cache
 
 
 def layernorm_backward(dout, cache):
@@ -398,22 +401,24 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
         labels = labels.astype(xp.int64, copy=False)
         if labels.shape[0] != B:
             raise ValueError(f"got {labels.shape[0]} labels for {B} logits rows")
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= K:
-            raise ValueError(f"labels must be class indices in [0, {K}), got values in [{low}, {high}]")
-        target = xp.zeros_like(logits)  # (B, K)
-        target[xp.arange(B), labels] = 1.0
+        target = (labels[:, None] == xp.arange(K)).astype(logits.dtype)  # (B, K) one-hot; all 0 outside [0, K)
     elif labels.shape == (B, K):
         target = labels.astype(logits.dtype, copy=False)  # (B, K)
     else:
         raise ValueError(f"labels must have shape ({B},) or ({B}, {K}), got {labels.shape}")
+    hits = target.sum()  # B when every label is a class index in [0, K)
     if label_smoothing:
         target = target * (1.0 - label_smoothing) + label_smoothing / K  # (B, K)
     shifted = logits - logits.max(axis=1, keepdims=True)  # (B, K) stable: exp(<= 0)
     exp = xp.exp(shifted)  # (B, K)
     total = exp.sum(axis=1, keepdims=True)  # (B, 1)
     logprobs = shifted - xp.log(total)  # (B, K)
-    loss = -float((target * logprobs).sum()) / B
+    # the loss and the label check in one transfer: on a GPU, each float() or int() waits for the device
+    loss_sum, hits = xp.stack([(target * logprobs).sum(), hits]).tolist()
+    if labels.ndim == 1 and hits != B:
+        low, high = int(labels.min()), int(labels.max())
+        raise ValueError(f"labels must be class indices in [0, {K}), got values in [{low}, {high}]")
+    loss = -loss_sum / B
     # d/dlogits of -Σ t·log softmax = softmax·Σt - t (Σt = 1 for proper targets)
     dlogits = (exp / total * target.sum(axis=1, keepdims=True) - target) / B  # (B, K)
     ### END SOLUTION

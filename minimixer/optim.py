@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from .backend import get_xp, to_backend
+from .backend import get_xp, to_backend, to_numpy
 from .fast import parallel_map
 
 
@@ -54,18 +54,24 @@ class Optimizer:
         run(lambda name: self.update(name, self.params[name], grads[name], self.state[name]), names)
 
     def state_dict(self):
-        """Hyperparameters, the step count and every state array (copied)."""
+        """Hyperparameters, the step count and a NumPy copy of every state array (a GPU's state is
+        copied to the host one array at a time, never duplicated on the device)."""
         return {"lr": self.lr, "weight_decay": self.weight_decay, "step": self.step_count,
-                "state": {k: {n: a.copy() for n, a in s.items()} for k, s in self.state.items()}}
+                "state": {k: {n: _host_copy(a) for n, a in s.items()} for k, s in self.state.items()}}
 
     def load_state_dict(self, state):
         unknown = set(state["state"]) - set(self.params)
         if unknown:
             raise KeyError(f"optimizer state for unknown params {sorted(unknown)}")
-        backend = "cupy" if get_xp(*self.params.values()).__name__ == "cupy" else "numpy"
+        backend = "numpy" if get_xp(*self.params.values()) is np else "cupy"
         self.lr, self.weight_decay, self.step_count = state["lr"], state["weight_decay"], state["step"]
         self.state = {k: {n: to_backend(a, backend).astype(self.params[k].dtype, copy=True) for n, a in s.items()}
                       for k, s in state["state"].items()}
+
+
+def _host_copy(a):
+    host = to_numpy(a)
+    return host.copy() if host is a else host  # .get() already made a fresh host array
 
 
 class SGD(Optimizer):
@@ -133,7 +139,11 @@ class AdamW(Optimizer):
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm
     (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
-    total = math.sqrt(sum(parallel_map(lambda g: float(get_xp(g).vdot(g.ravel(), g.ravel())), grads.values())))
+    xp = get_xp(*grads.values())
+    if xp is np:  # one thread per tensor
+        total = math.sqrt(sum(parallel_map(lambda g: float(np.vdot(g.ravel(), g.ravel())), grads.values())))
+    else:  # on the GPU's stream, from this thread: the squared norms summed there, one sync to read the total
+        total = math.sqrt(float(xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads.values()]).sum()))
     scale = min(1.0, max_norm / (total + 1e-6))
     if scale < 1.0:
         for g in grads.values():

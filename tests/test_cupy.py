@@ -1,19 +1,36 @@
-"""CuPy against NumPy, layer by layer and for the whole model (skipped without a usable GPU).
+"""CuPy against NumPy, layer by layer, for the whole model, and for the fast path (minimixer/fast.py).
 
-The NumPy passes are gradient-checked in test_layers.py; here every forward output
-and every gradient computed on the GPU must equal NumPy's. Fixture parity with timm
-on the cupy backend runs in test_fixtures.py through the `backend` fixture.
+Each test runs twice: on a GPU with real CuPy (skipped without a usable one), and on
+tests/fake_cupy.py, a NumPy-backed stand-in that refuses implicit host conversion, so the
+default run checks the CuPy code paths too (not the CUDA kernels: tests/test_nvrtc.py compiles
+those; only a GPU runs them). The NumPy passes are gradient-checked in test_layers.py; here
+every forward output and every gradient computed on the device must equal NumPy's.
 """
 import numpy as np
 import pytest
 
+import fake_cupy
 import minimixer as mm
 from conftest import CUPY_OK
-from helpers import assert_all_close
+from helpers import assert_all_close, assert_grads_close
+from minimixer import fast
 from minimixer import layers as L
 from minimixer.erf import erf
+from minimixer.model import mixer_backward, mixer_forward
+from minimixer.model import predict as reference_predict
+from test_fast import CONFIGS, setup
 
-pytestmark = pytest.mark.skipif(not CUPY_OK, reason="CuPy backend: no usable GPU here")
+
+@pytest.fixture(autouse=True, params=["cupy", "fake_cupy"])
+def device(request, monkeypatch):
+    """Real CuPy on a GPU, or the stand-in (always)."""
+    if request.param == "cupy":
+        if not CUPY_OK:
+            pytest.skip("CuPy backend: no usable GPU here")
+    else:
+        fake_cupy.install(monkeypatch)
+    return request.param
+
 
 rng = np.random.default_rng(0)
 N, D, DS, DC = 5, 4, 3, 8
@@ -51,7 +68,7 @@ def test_layer_cupy_equals_numpy(name):
     grads = as_tuple(backward(dout, cache))
     gpu_out, gpu_cache = forward(*[mm.to_backend(a, "cupy") for a in inputs], *extra)
     gpu_grads = as_tuple(backward(mm.to_backend(dout, "cupy"), gpu_cache))
-    assert mm.get_xp(gpu_out).__name__ == "cupy"
+    assert mm.get_xp(gpu_out) is not np
     pairs = [("out", mm.to_numpy(gpu_out), out)]
     pairs += [(f"grad{i}", mm.to_numpy(g), c) for i, (g, c) in enumerate(zip(gpu_grads, grads))]
     assert_all_close(pairs, 1e-12)
@@ -83,3 +100,85 @@ def test_mixed_backends_are_rejected():
     params = mm.init_params(cfg, backend="cupy")
     with pytest.raises(TypeError, match="different backends"):
         mm.predict(params, np.zeros((1, 3, 16, 16), np.float32), cfg)
+
+
+def gpu(a):
+    return mm.to_backend(a, "cupy")
+
+
+@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
+def test_fast_predict_equals_reference(B, dtype, tol):
+    for name in ("small", "small-tanh"):
+        cfg, params, x = setup(name, dtype, B)
+        got = fast.predict(gpu(params), gpu(x), cfg)
+        assert got.dtype == dtype and mm.get_xp(got).__name__ != "numpy"
+        assert_all_close([(f"fast predict {name}", mm.to_numpy(got), reference_predict(params, x, cfg))], tol)
+
+
+def test_fast_predict_float16_close_to_float64():
+    """GPU inference in float16: GELU and LayerNorm statistics in float32, matmuls in float16."""
+    for name in ("small", "small-tanh"):
+        cfg, params, x = setup(name, np.float64, 4)
+        got = fast.predict(mm.to_backend(params, "cupy", dtype="float16"), mm.to_backend(x, "cupy", dtype="float16"),
+                           cfg)
+        assert got.dtype == np.float16
+        assert_all_close([(f"fast predict {name} float16", mm.to_numpy(got), reference_predict(params, x, cfg))], 3e-3)
+
+
+@pytest.mark.parametrize("regularize", [False, True])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_fast_train_forward_backward_equal_reference(name, regularize):
+    cfg, params, x = setup(name, np.float64, 5, seed=1)
+    kw = dict(drop_path_rate=0.3, drop_rate=0.2) if regularize else {}
+    logits, cache = fast.forward(gpu(params), gpu(x), cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
+    ref_logits, ref_cache = mixer_forward(params, x, cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
+    dlogits = np.random.default_rng(2).standard_normal(logits.shape)
+    grads, dx = fast.backward(gpu(dlogits), cache, need_dx=True)
+    ref_dx, ref_grads = mixer_backward(dlogits, ref_cache)
+    assert set(grads) == set(params)
+    assert_all_close([("logits", mm.to_numpy(logits), ref_logits)], 1e-12)
+    pairs = [("dx", mm.to_numpy(dx), ref_dx)] + [(k, mm.to_numpy(grads[k]), ref_grads[k]) for k in params]
+    assert_grads_close(pairs, 1e-10, zero_tol=1e-13)
+
+
+def test_fast_train_float32_close_to_reference():
+    cfg, params, x = setup("small", np.float32, 4, seed=3)
+    logits, cache = fast.forward(gpu(params), gpu(x), cfg)
+    ref_logits, ref_cache = mixer_forward(params, x, cfg)
+    dlogits = np.random.default_rng(5).standard_normal(logits.shape).astype(np.float32)
+    grads, _ = fast.backward(gpu(dlogits), cache)
+    _, ref_grads = mixer_backward(dlogits, ref_cache)
+    assert_all_close([("logits", mm.to_numpy(logits), ref_logits)], 2e-6)
+    assert_grads_close([(k, mm.to_numpy(grads[k]), ref_grads[k]) for k in params], 2e-5, zero_tol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["erf", "tanh"])
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-13), (np.float32, 2e-6)])
+def test_fused_gelu_kernels_compute_in_the_arrays_type(form, dtype, tol):
+    """float64 kernels compute in double (erf, exp, tanh in double), float32 ones in float."""
+    x = np.linspace(-7, 7, 6000).reshape(60, 100)
+    bias = np.random.default_rng(0).standard_normal(100)
+    out, cache = L.gelu_forward(x + bias, form)
+    grad = L.gelu_backward(np.ones_like(x), cache)
+    gx, gd = gpu(x.astype(dtype)), mm.to_backend(np.empty_like(x), "cupy", dtype=dtype)
+    fast.bias_gelu_grad_(gx, gpu(bias.astype(dtype)), gd, form)
+    hx = gpu(x.astype(dtype))
+    fast.bias_gelu_(hx, gpu(bias.astype(dtype)), form)
+    assert_all_close([(f"gelu {form}", mm.to_numpy(gx), out), (f"gelu' {form}", mm.to_numpy(gd), grad),
+                      (f"gelu {form}, forward kernel", mm.to_numpy(hx), out)], tol)
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_float16_layernorm_does_not_overflow(on_device, device):
+    """|x - mean| up to ~2000: float16 squares would overflow (var = inf, a zeroed row); the
+    statistics are computed in float32, on NumPy as on the device, by the clear and the fast path."""
+    rng = np.random.default_rng(0)
+    x, w, b = 600 * rng.standard_normal((6, 32)), 1 + 0.1 * rng.standard_normal(32), rng.standard_normal(32)
+    ref, _ = L.layernorm_forward(x, w, b)  # float64
+    move = gpu if on_device else (lambda a: a)
+    x16, w16, b16 = (move(a.astype(np.float16)) for a in (x, w, b))
+    clear, _ = L.layernorm_forward(x16, w16, b16)
+    fast_out = fast.layernorm_(x16, mm.get_xp(x16).empty_like(x16), w16, b16)
+    assert clear.dtype == fast_out.dtype == np.float16
+    assert_all_close([("clear float16", mm.to_numpy(clear), ref), ("fast float16", mm.to_numpy(fast_out), ref)], 2e-3)
