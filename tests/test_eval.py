@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 import minimixer as mm
-from minimixer.checkpoints.registry import imagenet_classes
+from minimixer.checkpoints.registry import BUNDLED_DIGITS, imagenet_classes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"blue": (20, 30, 220), "green": (30, 200, 40), "red": (210, 25, 35)}
@@ -172,7 +172,7 @@ def test_bad_label_files(flat, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/val"], "no such directory: /nonexistent/val"),
     (["--model", "mixer_q16_224"], "unknown model 'mixer_q16_224'"),
-    (["--model", "mixer_b16_224", "--weights", os.path.join(ROOT, "weights", "mixer_digits.safetensors"),
+    (["--model", "mixer_b16_224", "--weights", BUNDLED_DIGITS,
       "--data", ROOT], "does not fit this model config"),
     (["--weights", "/nonexistent/w.safetensors"], "No such file or directory"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -321,7 +321,7 @@ def test_offline_download_says_where_to_put_the_file(tmp_path):
     r = cmd("weights", "download", "mixer_l16_224", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "timm/mixer_l16_224.goog_in21k_ft_in1k/resolve/main/model.safetensors by hand" in r.stderr
-    assert "weights/mixer_l16_224.safetensors" in r.stderr
+    assert "weights/mixer_l16_224.goog_in21k_ft_in1k.safetensors" in r.stderr
     img = os.path.join(ROOT, "tests", "images", "china.jpg")
     r = cmd("predict", img, "--model", "mixer_b16_224", "--weights", "auto", env=env, timeout=60)
     assert r.returncode == 2 and "by hand" in r.stderr and "Traceback" not in r.stderr
