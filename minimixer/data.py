@@ -97,9 +97,10 @@ def find_images(root, on_skip=None):
     """ImageFolder layout: root/<class>/<image>. Class index = position in sorted folder names,
     as in torchvision and timm. Returns (samples [(path, index)], classes).
 
-    Symbolic links are followed, but each real folder is read once, as torchvision's
-    followlinks with a visited set: a link back to a parent would loop, and a link to
-    another class would count its images twice. Only regular files are taken.
+    Symbolic links are followed (as torchvision's followlinks), but each real folder is read
+    once per class, and never root or a class folder again: `ln -s . a` or `ln -s .. up`
+    would loop or count every image many times. A link into another class's folder is left
+    out too (its images would get two labels). Only regular files are taken.
     on_skip(path, reason) hears of each folder or file left out (default: a line on stderr).
     """
     on_skip = on_skip or _warn_skip
@@ -108,18 +109,22 @@ def find_images(root, on_skip=None):
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class subfolders (expected ImageFolder layout root/<class>/<image>)")
-    visited = {os.path.realpath(p) for p in [root] + [os.path.join(root, c) for c in classes]}
+    class_roots = {os.path.realpath(os.path.join(root, c)): c for c in classes}
     samples = []
     for index, name in enumerate(classes):
-        for folder, files in sorted(_walk_once(os.path.join(root, name), visited, on_skip)):
+        top = os.path.join(root, name)
+        others = {r: c for r, c in class_roots.items() if c != name and r != os.path.realpath(top)}
+        visited = {os.path.realpath(root), *class_roots}
+        for folder, files in sorted(_walk_once(top, visited, others, on_skip)):
             samples += [(os.path.join(folder, f), index) for f in files]
     if not samples:
         raise ValueError(f"{root}: no images with extensions {', '.join(IMG_EXTENSIONS)}")
     return samples, classes
 
 
-def _walk_once(top, visited, on_skip):
-    """[(folder, sorted image file names)] under top, entering each real folder once."""
+def _walk_once(top, visited, others, on_skip):
+    """[(folder, sorted image file names)] under top, entering each real folder once.
+    visited: real paths not to enter (updated); others: {real path: class} of other classes."""
     found, pending = [], [top]
     while pending:
         folder = pending.pop()
@@ -134,11 +139,14 @@ def _walk_once(top, visited, on_skip):
             try:
                 if e.is_dir():  # follows links
                     real = os.path.realpath(e.path)
+                    inside = next((c for r, c in others.items() if real.startswith(r + os.sep)), None)
                     if real in visited:
                         on_skip(e.path, f"a link to {real}, a folder already read")
-                        continue
-                    visited.add(real)
-                    pending.append(e.path)
+                    elif inside is not None:
+                        on_skip(e.path, f"a link into the folder of class {inside!r}")
+                    else:
+                        visited.add(real)
+                        pending.append(e.path)
                 elif e.name.lower().endswith(IMG_EXTENSIONS):
                     if e.is_file():  # a regular file, or a link to one
                         files.append(e.name)
@@ -334,7 +342,8 @@ def read_label_file(path, image_files, wnid_index=None):
     try:
         text = raw.decode("utf-8-sig")  # -sig: a leading BOM is not part of the first name
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise ValueError(f"{path}: empty label file")

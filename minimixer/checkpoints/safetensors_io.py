@@ -128,7 +128,8 @@ def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite
     expected = param_shapes(cfg)
     check_state_dict({k: v.shape for k, v in tensors.items()}, expected, os.fspath(path))
     # astype copies, so every array is writable and owns its memory (not the file buffer)
-    params = {k: tensors[k].astype(dtype) for k in expected}
+    with np.errstate(over="ignore"):  # an overflow to inf is reported by name just below
+        params = {k: tensors[k].astype(dtype) for k in expected}
     if not allow_nonfinite:
         check_finite(params, os.fspath(path))
     return to_backend(params, backend)
