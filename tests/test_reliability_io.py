@@ -297,7 +297,7 @@ def test_ctrl_c_in_predict_keeps_the_results_already_printed(colors, capsys, mon
 
     monkeypatch.setattr(mpredict, "predict", predict_then_interrupt)
     images = [str(root / c / f"{c}{i}.png") for c in ("blue", "green") for i in range(3)]
-    args = (*images, *COLOR_ARGS, "--num-classes", "3", "--weights", str(weights), "-b", "2", "--topk", "1")
+    args = (*images, *COLOR_ARGS, "--num-classes", "3", "--weights", str(weights), "--batch-size", "2", "--topk", "1")
     assert run_predict(*args) == 130
     out, err = capsys.readouterr()
     assert out.split("\n")[::2][:2] == images[:2] and images[2] not in out  # the first batch, printed
@@ -417,11 +417,12 @@ def test_bundled_digits_model_is_package_data():
 def test_non_editable_install_runs_eval(tmp_path):
     """pip builds a wheel and installs it (not editable) in a folder of its own; eval, run from
     elsewhere, must find the digits model in the installed package."""
+    tree = os.path.dirname(os.path.dirname(mm.__file__))  # the checkout under test
     src = tmp_path / "src"  # a clean copy: the build writes build/ and *.egg-info beside its sources
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
-        shutil.copy(os.path.join(ROOT, name), src / name)
-    shutil.copytree(os.path.join(ROOT, "minimixer"), src / "minimixer",
+        shutil.copy(os.path.join(tree, name), src / name)
+    shutil.copytree(os.path.join(tree, "minimixer"), src / "minimixer",
                     ignore=shutil.ignore_patterns("__pycache__"))
     target = tmp_path / "site"
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
@@ -489,7 +490,7 @@ def test_progress_bar_reaches_the_total_when_images_are_skipped(colors, capsys):
     root, weights = colors
     (root / "green" / "broken.png").write_bytes(b"not a png")
     assert run_eval(*COLOR_ARGS, "--num-classes", "3", "--weights", str(weights), "--data", str(root),
-                    "--workers", "1", "-b", "4") == 0
+                    "--workers", "1", "--batch-size", "4") == 0
     err = capsys.readouterr().err
     bar = err.replace("\r", "\n").strip().splitlines()
     last = [line for line in bar if line.startswith("eval ")][-1]
