@@ -123,16 +123,16 @@ def check_wnid_folders(root, classes, wnid_index):
     if 2 * len(wnids) <= len(classes):
         return  # not an ImageNet-style folder: sorted indices, as timm
     stray = [c for c in classes if not WNID.match(c)]
+    what = ("an ImageNet wnid", "ImageNet wnids")
     if not stray and wnid_index:
         stray = [c for c in classes if c not in wnid_index]
-        what = "not ImageNet-1k classes"
-    else:
-        what = "not ImageNet wnids"
+        what = ("an ImageNet-1k class", "ImageNet-1k classes")
     if stray:
+        one = len(stray) == 1
         shown = ", ".join(stray[:5]) + (f", ... ({len(stray) - 5} more)" if len(stray) > 5 else "")
         raise cli.UserError(f"{root}: {len(wnids)} of {len(classes)} class folders are ImageNet wnids, but "
-                            f"{len(stray)} {'is' if len(stray) == 1 else 'are'} {what}: {shown}. Move "
-                            f"{'it' if len(stray) == 1 else 'them'} out: the class indices would not be ImageNet's")
+                            f"{shown} {'is' if one else 'are'} not {what[0] if one else what[1]}: move "
+                            f"{'it' if one else 'them'} out (the labels would be sorted positions, not ImageNet's)")
 
 
 def results_row(args, cfg, dcfg, correct1, correct5, count, skipped, seconds):

@@ -262,13 +262,13 @@ def test_stray_folder_among_wnids_is_an_error(tmp_path, capsys):
     args = (*COLOR_ARGS, "--weights", str(weights), "--data", str(root), "--no-progress")
     assert run_eval(*args) == 2
     assert stderr_lines(capsys.readouterr().err) == [
-        f"python -m minimixer.eval: error: {root}: 3 of 4 class folders are ImageNet wnids, but 1 is not "
-        "ImageNet wnids: misc. Move it out: the class indices would not be ImageNet's"]
+        f"python -m minimixer.eval: error: {root}: 3 of 4 class folders are ImageNet wnids, but misc is not "
+        "an ImageNet wnid: move it out (the labels would be sorted positions, not ImageNet's)"]
     shutil.rmtree(root / "misc")
     assert run_eval(*args) == 0 and "Acc@1 100.000" in capsys.readouterr().out
     (root / "n99999999").mkdir()  # a wnid, but not one of ImageNet-1k's
     write_image(root / "n99999999" / "x.png", COLORS["red"])
-    assert run_eval(*args) == 2 and "not ImageNet-1k classes: n99999999" in capsys.readouterr().err
+    assert run_eval(*args) == 2 and "but n99999999 is not an ImageNet-1k class" in capsys.readouterr().err
 
 
 # --- item 13: Ctrl-C ----------------------------------------------------------------------------
