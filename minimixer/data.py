@@ -129,8 +129,8 @@ def _walk_once(top, visited, others, on_skip):
     while pending:
         folder = pending.pop()
         try:
-            with os.scandir(folder) as it:
-                entries = list(it)
+            with os.scandir(folder) as it:  # real folders first, so their own paths win over links
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))
         except OSError as e:
             on_skip(folder, f"cannot read this folder ({e.strerror or e})")
             continue
@@ -139,11 +139,11 @@ def _walk_once(top, visited, others, on_skip):
             try:
                 if e.is_dir():  # follows links
                     real = os.path.realpath(e.path)
-                    inside = next((c for r, c in others.items() if real.startswith(r + os.sep)), None)
-                    if real in visited:
-                        on_skip(e.path, f"a link to {real}, a folder already read")
-                    elif inside is not None:
-                        on_skip(e.path, f"a link into the folder of class {inside!r}")
+                    owner = next((c for r, c in others.items() if real == r or real.startswith(r + os.sep)), None)
+                    if owner is not None:
+                        on_skip(e.path, f"a link into the folder of class {owner!r}")
+                    elif real in visited:
+                        on_skip(e.path, f"a link to {real}, a folder already read (or the data folder)")
                     else:
                         visited.add(real)
                         pending.append(e.path)

@@ -3,7 +3,7 @@
     python -m minimixer.eval                                  # the bundled digits model, offline
     python -m minimixer.eval --model mixer_b16_224 --weights auto --data /data/imagenet/val
     python -m minimixer.eval --model mixer_b16_224 --weights W.safetensors --data val/ --labels LOC_val_solution.csv
-    python -m minimixer.eval /data/imagenet/val --model mixer_b16_224 --checkpoint W.safetensors -b 64 -j 4   # timm's spellings
+    python -m minimixer.eval /data/imagenet/val --model mixer_b16_224 --checkpoint W.safetensors -b 64 -j 4  # timm's
 
 DIR is either in ImageFolder layout (class subfolders; sorted names give the class
 index, as in timm; ImageNet wnid folders map to ImageNet-1k indices), or a flat folder

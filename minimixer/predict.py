@@ -91,7 +91,8 @@ def main(argv=None):
                     print(f"{PROG}: error: cannot read image {path}: {e}", file=sys.stderr)
             if not files:
                 continue
-            probs = softmax(to_numpy(predict(params, to_backend(np.stack(arrays), args.backend), cfg)).astype(np.float64))
+            logits = to_numpy(predict(params, to_backend(np.stack(arrays), args.backend), cfg))
+            probs = softmax(logits.astype(np.float64))
             for path, p in zip(files, probs):
                 top = np.argsort(-p, kind="stable")[:k]
                 r = {"file": path, "topk": [{"index": int(i), "label": names[i], "prob": json_number(p[i])}

@@ -150,7 +150,7 @@ def test_folder_scan_follows_each_real_folder_once(tmp_path):
     assert sorted(os.path.realpath(p) for p, _ in samples) == sorted(set(os.path.realpath(p) for p, _ in samples))
     assert [sum(label == c for _, label in samples) for c in range(3)] == [10, 10, 11]
     names = {os.path.basename(p) for p, _ in skipped}
-    assert names >= {"a", "parent", "other"} and len(skipped) == 4  # 'again' or 'sub', whichever came second
+    assert names == {"a", "parent", "other", "again"} and len(skipped) == 4  # real folders before links
 
 
 def test_eval_reports_what_the_scan_left_out(colors, capsys):
@@ -192,7 +192,8 @@ def test_no_readable_image_is_an_error_and_writes_no_results(colors, tmp_path, c
     assert color_eval(root, weights, "--results-file", str(out)) == 2
     stdout, err = capsys.readouterr()
     assert "Acc@1" not in stdout and not out.exists()
-    assert stderr_lines(err)[-1] == "python -m minimixer.eval: error: no images were evaluated: all 9 could not be read (see above)"
+    assert stderr_lines(err)[-1] == ("python -m minimixer.eval: error: no images were evaluated: "
+                                     "all 9 could not be read (see above)")
 
 
 def test_ctrl_c_before_the_first_batch_reports_nothing(colors, tmp_path, capsys, monkeypatch):
@@ -470,18 +471,23 @@ def test_write_failure_names_the_target_not_the_temp_file(tmp_path):
 def test_orphaned_temp_files_are_removed_on_the_next_write(tmp_path):
     cfg = mm.MixerConfig(**TINY)
     path = tmp_path / "m.safetensors"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a writer that no longer runs
     old = time.time() - 3600
-    orphans = [tmp_path / ".tmp-abcd1234m.safetensors", tmp_path / ".tmp-x_9y8z7wm.safetensors"]
-    kept = [tmp_path / ".tmp-abcd1234other.safetensors",  # another file's: not ours to judge
+    orphans = [tmp_path / f".tmp-{gone.pid}-abcd1234m.safetensors",
+               tmp_path / ".tmp-x_9y8z7wm.safetensors"]  # no pid (older versions): by age
+    kept = [tmp_path / f".tmp-{gone.pid}-abcd1234other.safetensors",  # another file's: not ours to judge
+            tmp_path / f".tmp-{os.getppid()}-abcd1234m.safetensors",  # its writer still runs
             tmp_path / ".tmp-notesm.safetensors",  # not our pattern: a user's file
             tmp_path / ".tmp-newer123m.safetensors",  # newer than this process: a live writer's
             tmp_path / "m.safetensors.bak"]
     for f in orphans + kept:
         f.write_bytes(b"partial")
         os.utime(f, (old, old))
-    os.utime(kept[2], None)  # now
+    os.utime(kept[3], None)  # now
     mm.save_weights(tiny_params(cfg), path)
     assert sorted(os.listdir(tmp_path)) == sorted(["m.safetensors"] + [f.name for f in kept])
+    assert mm.load_weights(path, cfg)  # and the write itself went through
 
 
 # --- item 21: rough edges ------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from ..config import param_shapes
 # safetensors dtype tags we can turn into floats. bf16 has no NumPy dtype: it is
 # the top half of a float32, so we widen its bits by a 16-bit shift.
 _NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
-TMP_PREFIX = ".tmp-"
+TMP_PREFIX = ".tmp-"  # temporary files are .tmp-<pid>-<8 random chars><target name>
 _STARTED = time.time()  # temp files older than this process are no writer's of ours
 
 
@@ -149,7 +149,7 @@ def atomic_target(path):
     folder = os.path.dirname(os.path.abspath(path))
     remove_orphans(path)
     try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=os.path.basename(path))
     except OSError as e:  # name the file the user asked for, not our temporary one
         raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
@@ -165,20 +165,37 @@ def atomic_target(path):
 
 def remove_orphans(path):
     """Delete the temporary files that a killed writer of `path` left in its folder: only
-    names of our own pattern for this very file (.tmp-XXXXXXXX<name>), and only those
-    older than this process, so a concurrent writer's file is never touched."""
+    names of our own pattern for this very file (.tmp-<pid>-XXXXXXXX<name>), only those older
+    than this process, and never one whose writer is still running, so a concurrent
+    writer's file is left alone. (Names without a pid, from older versions, go by age.)"""
     folder = os.path.dirname(os.path.abspath(path))
-    pattern = re.compile(re.escape(TMP_PREFIX) + r"[a-z0-9_]{8}" + re.escape(os.path.basename(path)) + r"\Z")
+    name = re.escape(os.path.basename(path))
+    pattern = re.compile(re.escape(TMP_PREFIX) + r"(?:([0-9]+)-)?[a-z0-9_]{8}" + name + r"\Z")
     try:
-        entries = [e for e in os.scandir(folder) if pattern.match(e.name)]
+        entries = [(e, pattern.match(e.name)) for e in os.scandir(folder)]
     except OSError:
         return  # an unreadable folder: mkstemp will say what is wrong
-    for e in entries:
+    for e, match in entries:
+        if match is None or (match.group(1) and _running(int(match.group(1)))):
+            continue
         try:
             if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < _STARTED:
                 os.unlink(e.path)
         except OSError:
             pass  # gone already, or not ours to remove
+
+
+def _running(pid):
+    """Whether process `pid` exists (here; a shared folder's other hosts cannot be asked)."""
+    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but is not ours, or cannot tell: keep its file
+    return True
 
 
 def check_writable(path):
@@ -191,7 +208,7 @@ def check_writable(path):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"cannot write {path}: no such directory {folder}")
     try:
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=os.path.basename(path))
     except OSError as e:
         raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
