@@ -4,9 +4,11 @@
     python -m minimixer.predict digit.png                    # the bundled digits model
     python -m minimixer.predict *.jpg --model mixer_b16_224 --checkpoint W.safetensors -b 32 --json
 
-This module is the command. The function is minimixer.predict (minimixer/fast.py); since
-importing this module binds it on the package as `minimixer.predict`, the module is made
-callable as that function, so `mm.predict(params, x, cfg)` works whatever was imported first.
+This module is the command; the function minimixer.predict is fast.predict. Importing a
+submodule binds it on its package, so `import minimixer.predict` would replace the function
+with this module. The package keeps its function (see the end of this file), so
+`mm.predict(params, x, cfg)` works whatever was imported first. To call the command from
+Python: `from minimixer.predict import main`.
 """
 import json
 import math
@@ -110,17 +112,29 @@ def main(argv=None):
     return 2 if failed else 0
 
 
+class _Package(types.ModuleType):
+    """The minimixer package, whose `predict` stays the function: the import system's
+    setattr(package, 'predict', <this module>) after importing this module is ignored."""
+
+    def __setattr__(self, name, value):
+        if name == "predict" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
 class _CommandModule(types.ModuleType):
-    """`import minimixer.predict` binds this module on the package in place of the function
-    minimixer.predict (the import system's setattr(parent, 'predict', module)). Calling the
-    module calls the function, so both spellings keep working in any import order."""
+    """A fallback, should the package's class be fixed by someone else: calling this module
+    calls the function, so `mm.predict(params, x, cfg)` works even when it is this module."""
 
     def __call__(self, *args, **kwargs):
         return fast.predict(*args, **kwargs)
 
 
+_package = sys.modules.get(__spec__.parent if __spec__ else "minimixer")
+if _package is not None and type(_package) is types.ModuleType:
+    _package.__class__ = _Package
 sys.modules[__name__].__class__ = _CommandModule
-__wrapped__ = fast.predict  # inspect.signature(mm.predict) shows the function's
+__wrapped__ = fast.predict  # inspect.signature of the module shows the function's
 
 
 if __name__ == "__main__":
