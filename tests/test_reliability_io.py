@@ -416,8 +416,11 @@ def test_bundled_digits_model_is_package_data():
 
 
 def test_non_editable_install_runs_eval(tmp_path):
-    """pip builds a wheel and installs it (not editable) in a folder of its own; eval, run from
-    elsewhere, must find the digits model in the installed package."""
+    """`pip install .` (a wheel, not editable) into a fresh venv; eval, run from elsewhere,
+    must find the digits model in the installed package. The venv gets no copies of the
+    dependencies: they come from this environment's site-packages on PYTHONPATH, where
+    the editable install's .pth hook is not run, so minimixer itself is the venv's."""
+    import sysconfig
     tree = os.path.dirname(os.path.dirname(mm.__file__))  # the checkout under test
     src = tmp_path / "src"  # a clean copy: the build writes build/ and *.egg-info beside its sources
     src.mkdir()
@@ -425,24 +428,34 @@ def test_non_editable_install_runs_eval(tmp_path):
         shutil.copy(os.path.join(tree, name), src / name)
     shutil.copytree(os.path.join(tree, "minimixer"), src / "minimixer",
                     ignore=shutil.ignore_patterns("__pycache__"))
-    target = tmp_path / "site"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
+    python = str(venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
     try:  # build with this environment's setuptools, offline; else pip fetches it (Python >= 3.12 venvs)
         import setuptools  # noqa: F401
         offline = ["--no-build-isolation", "--no-index"]
     except ImportError:
         offline = []
-    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", *offline, "--quiet",
-                        "--target", str(target), str(src)], capture_output=True, text=True, timeout=300)
+    wheels = tmp_path / "wheels"
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "--quiet", "-w", str(wheels),
+                        str(src)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert (target / "minimixer" / "assets" / "mixer_digits.safetensors").is_file()
-    env = {**os.environ, "PYTHONPATH": str(target)}
-    r = subprocess.run([sys.executable, "-c", "import minimixer, sys; print(minimixer.__file__)"],
+    (wheel,) = wheels.glob("minimixer-*.whl")
+    clean = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # a checkout's *.egg-info: 'installed'
+    r = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
+                        "--quiet", str(wheel)], capture_output=True, text=True, timeout=300, env=clean)
+    assert r.returncode == 0, r.stderr
+    env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+    r = subprocess.run([python, "-c", "import minimixer; print(minimixer.__file__)"],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert r.stdout.strip() == str(target / "minimixer" / "__init__.py")
-    r = subprocess.run([sys.executable, "-m", "minimixer.eval", "--no-progress"], capture_output=True, text=True,
+    installed = os.path.dirname(r.stdout.strip())
+    assert installed.startswith(str(venv)), r.stderr
+    assert os.path.isfile(os.path.join(installed, "assets", "mixer_digits.safetensors"))
+    r = subprocess.run([python, "-m", "minimixer.eval", "--no-progress"], capture_output=True, text=True,
                        env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Acc@1 99.155" in r.stdout
+    assert "weights venv/lib/" in r.stdout.replace(os.sep, "/")  # the installed file (shown relative to the cwd)
 
 
 # --- item 19: --results-file is checked first -------------------------------------------------------------
