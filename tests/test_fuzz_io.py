@@ -40,8 +40,9 @@ def mutated(base, header_end):
     def flips(position, value):
         return st.lists(st.tuples(position, value), min_size=1, max_size=6)
 
+    header_end = min(header_end, len(base) // 2)
     any_byte = st.integers(0, 255)
-    high_byte = st.integers(-(-header_end // 4), (len(base) - 1) // 4).map(lambda i: 4 * i + 3)
+    high_byte = st.integers(-(-header_end // 4), (len(base) - 4) // 4).map(lambda i: 4 * i + 3)  # < len(base)
     return st.one_of(st.tuples(flips(high_byte, st.one_of(any_byte, st.sampled_from([0x7F, 0xFF]))), st.none()),
                      st.tuples(flips(st.integers(0, header_end - 1), any_byte), st.none()),
                      st.tuples(flips(st.integers(0, len(base) - 1), any_byte), st.none()),
