@@ -560,7 +560,7 @@ def test_weights_readme_names_the_files_that_download_writes():
 
 # --- item 22: timm's flag spellings --------------------------------------------------------------------------
 
-def test_eval_accepts_timms_spellings_with_one_definition_each():
+def test_eval_accepts_timms_spellings_with_one_definition_each(capsys):
     timm_style = meval.parse_args(["val/", "-b", "8", "-j", "3", "--checkpoint", "w.safetensors"])
     ours = meval.parse_args(["--data", "val/", "--batch-size", "8", "--workers", "3", "--weights", "w.safetensors"])
     assert vars(timm_style) | {"data_dir": None} == vars(ours)
@@ -568,6 +568,12 @@ def test_eval_accepts_timms_spellings_with_one_definition_each():
     assert meval.parse_args([]).data == "digits"
     p = mpredict.parse_args(["x.png", "-b", "4", "--checkpoint", "w.safetensors"])
     assert (p.batch_size, p.weights) == (4, "w.safetensors")
+    with pytest.raises(SystemExit):
+        meval.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for one in ("-b BATCH_SIZE, --batch-size BATCH_SIZE", "-j WORKERS, --workers WORKERS",
+                "--weights FILE, --checkpoint FILE", "--data DIR, --data-dir DIR"):
+        assert one in help_text  # each spelling pair is one option, shown together
 
 
 def test_data_given_two_ways_must_agree(capsys):
