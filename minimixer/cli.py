@@ -18,13 +18,27 @@ class UserError(Exception):
 
 
 def run(main, argv=None, prog="minimixer"):
-    """Call main(argv); turn user-facing errors into one line on stderr and exit status 2."""
+    """Call main(argv); turn user-facing errors into one line on stderr and exit status 2,
+    and Ctrl-C into one line and exit status 130 (128 + SIGINT, as shells report it).
+    A command that has partial results catches KeyboardInterrupt itself, prints them and
+    returns 130."""
     try:
         return main(argv)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
     except (UserError, ValueError, OSError, BackendError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {msg}", file=sys.stderr)
         return 2
+
+
+def add_weights_args(p):
+    """--weights (timm: --checkpoint) and --allow-nonfinite, the same for every command that loads a model."""
+    p.add_argument("--weights", "--checkpoint", dest="weights", default="auto", metavar="FILE",
+                   help="a safetensors file, or 'auto' (bundled, ./weights/, or download)")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="load weights that hold NaN or Inf (refused by default: they give NaN logits)")
 
 
 def add_model_args(p, default_model):

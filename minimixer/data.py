@@ -6,11 +6,16 @@ images (B, C, H, W) float32, normalized, and labels (B,) int64.
 import gzip
 import math
 import os
+import re
+import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
 from PIL import Image
+
+from .checkpoints.safetensors_io import open_regular_file
 
 # --- the 8x8 digits ------------------------------------------------------------------
 
@@ -84,30 +89,100 @@ class ArrayLoader:
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def find_images(root):
+def _warn_skip(path, reason):
+    print(f"skipping {path}: {reason}", file=sys.stderr)
+
+
+def find_images(root, on_skip=None):
     """ImageFolder layout: root/<class>/<image>. Class index = position in sorted folder names,
-    as in torchvision and timm. Returns (samples [(path, index)], classes)."""
+    as in torchvision and timm. Returns (samples [(path, index)], classes).
+
+    Symbolic links are followed (as torchvision's followlinks), but each real folder is read
+    once per class, and never root or a class folder again: `ln -s . a` or `ln -s .. up`
+    would loop or count every image many times. A link into another class's folder is left
+    out too (its images would get two labels). Only regular files are taken.
+    on_skip(path, reason) hears of each folder or file left out (default: a line on stderr).
+    """
+    on_skip = on_skip or _warn_skip
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data directory not found: {root}")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise ValueError(f"{root}: no class subfolders (expected ImageFolder layout root/<class>/<image>)")
+    class_roots = {os.path.realpath(os.path.join(root, c)): c for c in classes}
     samples = []
     for index, name in enumerate(classes):
-        for folder, _, files in sorted(os.walk(os.path.join(root, name), followlinks=True)):
-            samples += [(os.path.join(folder, f), index) for f in sorted(files)
-                        if f.lower().endswith(IMG_EXTENSIONS)]
+        top = os.path.join(root, name)
+        others = {r: c for r, c in class_roots.items() if c != name and r != os.path.realpath(top)}
+        visited = {os.path.realpath(root), *class_roots}
+        for folder, files in sorted(_walk_once(top, visited, others, on_skip)):
+            samples += [(os.path.join(folder, f), index) for f in files]
     if not samples:
         raise ValueError(f"{root}: no images with extensions {', '.join(IMG_EXTENSIONS)}")
     return samples, classes
 
 
+def _walk_once(top, visited, others, on_skip):
+    """[(folder, sorted image file names)] under top, entering each real folder once.
+    visited: real paths not to enter (updated); others: {real path: class} of other classes."""
+    found, pending = [], [top]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as it:  # real folders first, so their own paths win over links
+                entries = sorted(it, key=lambda e: (e.is_symlink(), e.name))
+        except OSError as e:
+            on_skip(folder, f"cannot read this folder ({e.strerror or e})")
+            continue
+        files = []
+        for e in entries:
+            try:
+                if e.is_dir():  # follows links
+                    real = os.path.realpath(e.path)
+                    owner = next((c for r, c in others.items() if real == r or real.startswith(r + os.sep)), None)
+                    if owner is not None:
+                        on_skip(e.path, f"a link into the folder of class {owner!r}")
+                    elif real in visited:
+                        on_skip(e.path, f"a link to {real}, a folder already read (or the data folder)")
+                    else:
+                        visited.add(real)
+                        pending.append(e.path)
+                elif e.name.lower().endswith(IMG_EXTENSIONS):
+                    if e.is_file():  # a regular file, or a link to one
+                        files.append(e.name)
+                    else:
+                        on_skip(e.path, "a broken link" if not os.path.exists(e.path) else "not a regular file")
+            except OSError as err:
+                on_skip(e.path, f"cannot read it ({err.strerror or err})")
+        found.append((folder, sorted(files)))
+    return found
+
+
 def open_image(path, mode="RGB"):
     """Decode an image as timm does, Image.open(f).convert('RGB'): any mode (L, LA, RGBA, P,
-    CMYK, I;16, ...) becomes RGB. One-channel models ask for mode 'L'."""
-    with open(path, "rb") as f:
+    CMYK, I;16, ...) becomes RGB. One-channel models ask for mode 'L'.
+
+    Only regular files are read, and an image larger than Pillow's MAX_IMAGE_PIXELS is an
+    error (Pillow itself only warns up to twice that)."""
+    with open_regular_file(path) as f:
         img = Image.open(f)
+        check_pixels(*img.size)
         return img.convert(mode)
+
+
+def strict_pixel_limit():
+    """For commands: Pillow's DecompressionBombWarning becomes an error (the file is then
+    skipped or refused by name) instead of a warning line before ours. Process-wide, so a
+    library import does not do it."""
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def check_pixels(w, h, what="the image is"):
+    """Raise ValueError if a w×h image is over Pillow's MAX_IMAGE_PIXELS (None: no limit)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and w * h > limit:
+        raise ValueError(f"{what} {w}x{h} = {w * h} pixels, over the limit of {limit} "
+                         "(PIL.Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
 
 
 class ImageLoader:
@@ -183,6 +258,7 @@ def resize_shorter(img, size, interpolation):
         new_w, new_h = size, int(size * h / w)
     else:
         new_w, new_h = int(size * w / h), size
+    check_pixels(new_w, new_h, f"resizing {w}x{h} would give")  # a 100000x1 strip: a 25600000x256 image
     return img.resize((new_w, new_h), INTERPOLATIONS[interpolation])
 
 
@@ -240,6 +316,10 @@ def train_transform(img_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=
 
 # --- flat folders with a label file (ImageNet val) ---------------------------------------
 
+WNID = re.compile(r"n[0-9]{8}\Z")  # an ImageNet WordNet id, e.g. n01440764
+_INDEX = re.compile(r"-?[0-9]{1,18}\Z")
+
+
 def read_label_file(path, image_files, wnid_index=None):
     """Labels for the images of a flat folder, from one of the common label files:
 
@@ -247,46 +327,73 @@ def read_label_file(path, image_files, wnid_index=None):
     - 'filename label' lines (space, tab or comma separated), label an index or a wnid;
     - one label per line, in sorted filename order (e.g. a wnid per line for ImageNet val).
 
+    A name with an image extension matches that file only; one without (ImageNet's ImageIds)
+    matches the file of that stem. A name given twice is an error naming both lines. UTF-8,
+    with or without a BOM. Every error is a ValueError that names the file.
+
     image_files: the folder's image file names. wnid_index: {wnid: class index} for wnid labels.
     Returns a list of class indices, one per image file.
     """
-    with open(path) as f:
-        lines = [line.strip() for line in f if line.strip()]
+    try:
+        with open_regular_file(path) as f:
+            raw = f.read()
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: a leading BOM is not part of the first name
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise ValueError(f"{path}: empty label file")
 
-    def to_index(label, where):
-        if label.lstrip("-").isdigit():
+    def to_index(label, n):
+        if _INDEX.match(label):
             return int(label)
         if wnid_index is not None and label in wnid_index:
             return wnid_index[label]
-        raise ValueError(f"{path}: {where}: unknown label {label!r} (expected a class index"
+        raise ValueError(f"{path}: line {n}: unknown label {label[:40]!r} (expected a class index"
                          + (" or an ImageNet-1k wnid)" if wnid_index is not None else ")"))
 
-    if lines[0].replace(" ", "").lower().startswith("imageid,predictionstring"):
-        by_file = {}
-        for n, line in enumerate(lines[1:], 2):
+    if lines[0][1].replace(" ", "").lower().startswith("imageid,predictionstring"):
+        named = []
+        for n, line in lines[1:]:
             image_id, _, prediction = line.partition(",")
             if not prediction.split():
-                raise ValueError(f"{path}: line {n}: no label in {line!r}")
-            by_file[image_id] = to_index(prediction.split()[0], f"line {n}")
-        return _labels_for(image_files, by_file, path)
-    fields = [line.replace(",", " ").split() for line in lines]
-    if all(len(f) == 2 for f in fields):
-        by_file = {}
-        for n, (name, label) in enumerate(fields, 1):
-            by_file[os.path.splitext(os.path.basename(name))[0]] = to_index(label, f"line {n}")
-        return _labels_for(image_files, by_file, path)
-    if all(len(f) == 1 for f in fields):
+                raise ValueError(f"{path}: line {n}: no label in {line[:60]!r}")
+            named.append((image_id.strip(), prediction.split()[0], n))
+        return _labels_for(image_files, named, path, to_index)
+    fields = [(n, line.replace(",", " ").split()) for n, line in lines]
+    if all(len(f) == 2 for _, f in fields):
+        return _labels_for(image_files, [(name, label, n) for n, (name, label) in fields], path, to_index)
+    if all(len(f) == 1 for _, f in fields):
         if len(fields) != len(image_files):
             raise ValueError(f"{path}: {len(fields)} labels (one per line) for {len(image_files)} images")
-        return [to_index(f[0], f"line {n}") for n, f in enumerate(fields, 1)]
+        return [to_index(f[0], n) for n, f in fields]
     raise ValueError(f"{path}: unrecognized label file: expected LOC_val_solution.csv, "
                      "'filename label' lines, or one label per line")
 
 
-def _labels_for(image_files, by_file, path):
-    missing = [f for f in image_files if os.path.splitext(f)[0] not in by_file]
+def _labels_for(image_files, named, path, to_index):
+    """named: [(name, label, line number)]. One label per image file, by full name or stem."""
+    full, stem = {}, {}
+    for name, label, n in named:
+        name = os.path.basename(name)
+        table = full if name.lower().endswith(IMG_EXTENSIONS) else stem
+        if name in table:
+            raise ValueError(f"{path}: line {n}: {name[:60]!r} is labelled twice (lines {table[name][1]} and {n})")
+        table[name] = (to_index(label, n), n)
+    labels, missing = [], []
+    for f in image_files:
+        by_full, by_stem = full.get(f), stem.get(os.path.splitext(f)[0])
+        if by_full and by_stem:
+            raise ValueError(f"{path}: {f} is labelled twice (lines {by_stem[1]} and {by_full[1]})")
+        hit = by_full or by_stem
+        if hit is None:
+            missing.append(f)
+        else:
+            labels.append(hit[0])
     if missing:
         raise ValueError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[0]}")
-    return [by_file[os.path.splitext(f)[0]] for f in image_files]
+    return labels

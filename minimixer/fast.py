@@ -361,6 +361,8 @@ def predict(params, x, cfg):
     """Logits for images x (B, C, H, W); equal to model.predict up to float rounding."""
     x = check_input(params, x, cfg)
     xp = get_xp(x)
+    if x.shape[0] == 0:  # no images: no rows to split (model.predict gives (0, K) too)
+        return xp.zeros((0, cfg.num_classes), params["head.weight"].dtype)
     blocks = [{k[len(f"blocks.{i}."):]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
               for i in range(cfg.num_blocks)]
     spans = split_batch(x.shape[0]) if xp is np else [(0, x.shape[0])]

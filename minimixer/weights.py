@@ -6,9 +6,9 @@ minimixer/checkpoints/safetensors_io.py (minimixer.load_weights, save_weights).
 import os
 import sys
 
-from .checkpoints.registry import CHECKPOINTS, DEFAULT_TAG, WeightsNotFound, download
+from .checkpoints.registry import CHECKPOINTS, WeightsNotFound, download, local_name
 from .checkpoints.safetensors_io import atomic_copy
-from .cli import ArgumentParser
+from .cli import ArgumentParser, run
 
 
 def main(argv=None):
@@ -23,7 +23,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.command == "list":
         for tag, ck in CHECKPOINTS.items():
-            where = ck.repo_id or "bundled: weights/mixer_digits.safetensors"
+            where = ck.repo_id or "bundled: minimixer/assets/mixer_digits.safetensors"
             print(f"{tag:36s} {ck.num_classes:6d} classes  {where}")
         return 0
     try:
@@ -33,7 +33,7 @@ def main(argv=None):
         return 2
     if args.to:
         os.makedirs(args.to, exist_ok=True)
-        dest = os.path.join(args.to, f"{DEFAULT_TAG.get(args.model, args.model)}.safetensors")
+        dest = os.path.join(args.to, local_name(args.model))
         atomic_copy(path, dest)
         path = dest
     print(path)
@@ -41,4 +41,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run(main, prog="python -m minimixer.weights"))

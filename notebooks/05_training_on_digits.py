@@ -12,16 +12,15 @@
 # %%
 import tempfile
 import time
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
 import minimixer as mm
+from minimixer.checkpoints.registry import BUNDLED_DIGITS
 from minimixer.data import ArrayLoader, digits_split
 from minimixer.train_loop import TrainSettings, evaluate, fit
 
-ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 x_train, y_train, x_test, y_test = digits_split()
 print(f"train {x_train.shape}, test {x_test.shape}")
 fig, axes = plt.subplots(1, 10, figsize=(10, 1.3))
@@ -65,7 +64,7 @@ plt.show()
 # initialization, for comparison.
 
 # %%
-shipped = mm.load_weights(ROOT / "weights" / "mixer_digits.safetensors", cfg)
+shipped = mm.load_weights(BUNDLED_DIGITS, cfg)  # minimixer/assets/mixer_digits.safetensors
 print("bundled model:", evaluate(shipped, cfg, ArrayLoader(x_test, y_test, 256)))
 initial = mm.init_params(cfg, seed=0)
 rows = [("block 0, trained", shipped["blocks.0.mlp_tokens.fc1.weight"]),

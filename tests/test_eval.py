@@ -4,18 +4,16 @@ import hashlib
 import http.server
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import minimixer as mm
-from minimixer.checkpoints.registry import imagenet_classes
+from minimixer.checkpoints.registry import BUNDLED_DIGITS, imagenet_classes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLORS = {"blue": (20, 30, 220), "green": (30, 200, 40), "red": (210, 25, 35)}
@@ -172,7 +170,7 @@ def test_bad_label_files(flat, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--data", "/nonexistent/val"], "no such directory: /nonexistent/val"),
     (["--model", "mixer_q16_224"], "unknown model 'mixer_q16_224'"),
-    (["--model", "mixer_b16_224", "--weights", os.path.join(ROOT, "weights", "mixer_digits.safetensors"),
+    (["--model", "mixer_b16_224", "--weights", BUNDLED_DIGITS,
       "--data", ROOT], "does not fit this model config"),
     (["--weights", "/nonexistent/w.safetensors"], "No such file or directory"),
     (["--batch-size", "0"], "--batch-size must be >= 1"),
@@ -202,28 +200,40 @@ def test_eval_on_cupy_when_available():
     assert r.returncode == 0 and "Acc@1 99.155" in r.stdout
 
 
+# A real SIGINT at a known point: raised in the main thread (signal.raise_signal) as the
+# third batch starts, so the first two batches, 8 images, are the partial result every time.
+# Waiting for the progress bar and sleeping, as this test once did, raced the evaluation.
+CTRL_C_AT_BATCH_3 = """
+import signal, sys
+import minimixer.eval as e
+from minimixer import cli
+calls, real = [], e.predict
+def predict(*args):
+    calls.append(1)
+    if len(calls) == 3:
+        signal.raise_signal(signal.SIGINT)
+    return real(*args)
+e.predict = predict
+sys.exit(cli.run(e.main, sys.argv[1:], prog="python -m minimixer.eval"))
+"""
+
+
 def test_ctrl_c_prints_partial_results(tmp_path):
-    root = tmp_path / "big"
-    rng = np.random.default_rng(0)
-    for c in ("a", "b"):
+    root = tmp_path / "small"
+    for c, color in (("a", "blue"), ("b", "green")):
         (root / c).mkdir(parents=True)
-        for i in range(60):  # large, noisy JPEGs: slow to decode
-            Image.fromarray(rng.integers(0, 255, (900, 900, 3), dtype=np.uint8)).save(root / c / f"{i}.jpg", quality=95)
+        for i in range(12):
+            write_image(root / c / f"{i}.png", COLORS[color])
     weights = tmp_path / "color.safetensors"
     color_model(weights, 3)
-    proc = subprocess.Popen([sys.executable, "-m", "minimixer.eval", *COLOR_ARGS, "--num-classes", "3",
-                             "--weights", str(weights), "--data", str(root), "--workers", "1",
-                             "--batch-size", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 30
-    seen = ""
-    while time.time() < deadline and "img" not in seen:  # wait until the bar shows progress
-        seen += os.read(proc.stderr.fileno(), 4096).decode(errors="replace")
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr
-    assert "interrupted after" in stderr and "of 120 images: partial results" in stderr
-    assert " * Acc@1" in stdout and "Traceback" not in stderr
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "-c", CTRL_C_AT_BATCH_3, *COLOR_ARGS, "--num-classes", "3",
+                        "--weights", str(weights), "--data", str(root), "--workers", "1", "--batch-size", "4",
+                        "--results-file", str(out)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert "interrupted after 8 of 24 images: partial results" in r.stderr
+    assert " * Acc@1 100.000" in r.stdout and "images 8 " in r.stdout and "Traceback" not in r.stderr
+    assert json.loads(out.read_text())["count"] == 8
 
 
 # --- predict -----------------------------------------------------------------------------------
@@ -321,7 +331,7 @@ def test_offline_download_says_where_to_put_the_file(tmp_path):
     r = cmd("weights", "download", "mixer_l16_224", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "timm/mixer_l16_224.goog_in21k_ft_in1k/resolve/main/model.safetensors by hand" in r.stderr
-    assert "weights/mixer_l16_224.safetensors" in r.stderr
+    assert "weights/mixer_l16_224.goog_in21k_ft_in1k.safetensors" in r.stderr
     img = os.path.join(ROOT, "tests", "images", "china.jpg")
     r = cmd("predict", img, "--model", "mixer_b16_224", "--weights", "auto", env=env, timeout=60)
     assert r.returncode == 2 and "by hand" in r.stderr and "Traceback" not in r.stderr

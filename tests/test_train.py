@@ -263,11 +263,11 @@ def test_checkpoint_is_not_model_weights(tmp_path):
 
 
 def test_shipped_digits_model_accuracy():
-    """weights/mixer_digits.safetensors: ≥ 97% top-1 on the held-out digits split."""
+    """minimixer/assets/mixer_digits.safetensors: ≥ 97% top-1 on the held-out digits split."""
+    from minimixer.checkpoints.registry import BUNDLED_DIGITS
     from minimixer.train_loop import evaluate
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = mm.get_config("mixer_digits")
-    params = mm.load_weights(os.path.join(root, "weights", "mixer_digits.safetensors"), cfg)
+    params = mm.load_weights(BUNDLED_DIGITS, cfg)
     _, _, x_test, y_test = digits_split()
     result = evaluate(params, cfg, ArrayLoader(x_test, y_test, 128))
     print(f"shipped digits model: top-1 {result['top1']:.2f}% top-5 {result['top5']:.2f}% on {result['count']}")

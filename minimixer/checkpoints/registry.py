@@ -14,7 +14,9 @@ from ..config import PRESETS, get_config
 
 HF_FILENAME = "model.safetensors"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUNDLED_DIGITS = os.path.join(PACKAGE_ROOT, "weights", "mixer_digits.safetensors")
+# package data, so that every install (not only an editable one) has it
+BUNDLED_DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "assets", "mixer_digits.safetensors")
 
 
 @dataclass(frozen=True)
@@ -99,20 +101,25 @@ class WeightsNotFound(Exception):
     """No weights could be found or downloaded; the message says where to put them by hand."""
 
 
+def local_name(name):
+    """The file name that `weights download NAME --to DIR` writes and --weights auto looks for."""
+    return f"{DEFAULT_TAG.get(name, name)}.safetensors"
+
+
 def local_candidates(name):
     tag = DEFAULT_TAG.get(name, name)
-    names = [f"{tag}.safetensors"] + ([f"{name}.safetensors"] if name != tag else [])
+    names = [local_name(name)] + ([f"{name}.safetensors"] if name != tag else [])
     folders = [os.path.join(os.getcwd(), "weights"), os.path.join(PACKAGE_ROOT, "weights")]
     return [os.path.join(f, n) for f in dict.fromkeys(folders) for n in names]
 
 
 def download(name, *, cache_dir=None):
     """Fetch a checkpoint's model.safetensors with huggingface_hub (its cache, resume and
-    checksums) and return the local path. Raises WeightsNotFound with manual instructions."""
+    checksums) and return the local path. Raises WeightsNotFound with manual instructions
+    (commands that take --weights add that choice; see find_weights)."""
     _, _, ck = resolve(name)
     if ck is None or ck.repo_id is None:
-        raise WeightsNotFound(f"no pretrained weights are published for {name}: pass --weights PATH, "
-                              f"or put the file at weights/{name}.safetensors")
+        raise WeightsNotFound(f"no pretrained weights are published for {name}")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.utils import logging as hf_logging
@@ -125,7 +132,7 @@ def download(name, *, cache_dir=None):
         raise WeightsNotFound(
             f"could not download {ck.repo_id}/{HF_FILENAME} ({reason}). Offline? Fetch "
             f"{endpoint}/{ck.repo_id}/resolve/main/{HF_FILENAME} by hand and save it as "
-            f"weights/{name}.safetensors, or pass --weights PATH") from None
+            f"weights/{local_name(name)}") from None
 
 
 def find_weights(name, weights="auto", *, cache_dir=None):
@@ -138,4 +145,11 @@ def find_weights(name, weights="auto", *, cache_dir=None):
     for path in local_candidates(name):
         if os.path.exists(path):
             return path
-    return download(name, cache_dir=cache_dir)
+    _, _, ck = resolve(name)
+    if ck is None or ck.repo_id is None:
+        raise WeightsNotFound(f"no pretrained weights are published for {name}: pass --weights PATH, "
+                              f"or put the file at weights/{local_name(name)}")
+    try:
+        return download(name, cache_dir=cache_dir)
+    except WeightsNotFound as e:
+        raise WeightsNotFound(f"{e}, or pass --weights PATH") from None

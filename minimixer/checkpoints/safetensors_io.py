@@ -2,12 +2,18 @@
 
 Loading is strict, like PyTorch's load_state_dict(strict=True): every missing,
 unexpected and misshapen tensor is named in one error, and no partially loaded
-dict is ever returned. Saving writes a temporary file and renames it, so a
-crash never leaves a half-written checkpoint behind.
+dict is ever returned, and a tensor holding NaN or Inf is refused by name. Saving
+writes a temporary file and renames it, so a crash never leaves a half-written
+checkpoint behind; the temporary files a killed writer left are removed by the next
+write to the same file.
 """
+import errno
 import os
+import re
 import shutil
+import stat
 import tempfile
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -20,16 +26,43 @@ from ..config import param_shapes
 # safetensors dtype tags we can turn into floats. bf16 has no NumPy dtype: it is
 # the top half of a float32, so we widen its bits by a 16-bit shift.
 _NUMPY_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+TMP_PREFIX = ".tmp-"  # temporary files are .tmp-<pid>-<8 random chars><target name>
+_STARTED = time.time()  # temp files older than this process are no writer's of ours
+
+
+def open_regular_file(path):
+    """open(path, 'rb'), but only for a regular file: /dev/zero would be read without end
+    and a FIFO would block forever. Raises OSError (missing, unreadable, a directory) as
+    open() does, or ValueError (a FIFO, a device, a socket), which the caller prefixes."""
+    path = os.fspath(path)
+    # O_NONBLOCK: opening a FIFO must not wait for a writer before we can look at it
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise ValueError("not a regular file (only regular files are read)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_safetensors(path):
     """Every tensor in a safetensors file as a NumPy array (bf16 widened to float32).
 
     Raises OSError for a missing/unreadable path and ValueError, naming the path,
-    for an empty, truncated or non-safetensors file.
+    for an empty, truncated or non-safetensors file, or one that is not a regular file.
     """
     path = os.fspath(path)
-    with open(path, "rb") as f:  # OSError (FileNotFoundError, IsADirectoryError, ...) as is
+    try:
+        f = open_regular_file(path)  # OSError (FileNotFoundError, PermissionError, ...) as is
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    with f:
         data = f.read()
     try:
         entries = safetensors.deserialize(data)
@@ -50,31 +83,55 @@ def read_safetensors(path):
     return tensors
 
 
+def _some(names, sep=", ", first=5):
+    """The first few names and how many more: a 54-key list would bury the message."""
+    names = list(names)
+    more = f"{sep}... ({len(names) - first} more)" if len(names) > first else ""
+    return sep.join(names[:first]) + more
+
+
 def check_state_dict(shapes, expected, source):
-    """Raise one ValueError naming every missing, unexpected and misshapen tensor."""
+    """Raise one ValueError naming the missing, unexpected and misshapen tensors (the first
+    few of each, and their counts)."""
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
     misshapen = [f"{k}: file {tuple(shapes[k])} vs model {tuple(expected[k])}"
                  for k in expected if k in shapes and tuple(shapes[k]) != tuple(expected[k])]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)}: {', '.join(missing)}")
+        problems.append(f"missing {len(missing)}: {_some(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {', '.join(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)}: {_some(unexpected)}")
     if misshapen:
-        problems.append(f"misshapen {len(misshapen)}: {'; '.join(misshapen)}")
+        problems.append(f"misshapen {len(misshapen)}: {_some(misshapen, '; ')}")
     if problems:
         raise ValueError(f"{source} does not fit this model config: " + " | ".join(problems))
 
 
-def load_weights(path, cfg, *, dtype="float32", backend="numpy"):
-    """Load a timm Mixer checkpoint into a flat dict keyed by timm's names, checked against cfg."""
+def check_finite(params, source):
+    """Raise a ValueError naming the first tensor (in timm's order) that holds NaN or Inf:
+    such weights give NaN logits, which would pass for a low accuracy."""
+    for name, v in params.items():
+        bad = v.size - int(np.count_nonzero(np.isfinite(v)))
+        if bad:
+            raise ValueError(f"{source}: tensor {name!r} has {bad} non-finite value(s) (NaN or Inf) "
+                             f"of {v.size}; load it anyway with allow_nonfinite=True (--allow-nonfinite)")
+
+
+def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite=False):
+    """Load a timm Mixer checkpoint into a flat dict keyed by timm's names, checked against cfg.
+
+    A tensor with NaN or Inf (also one that overflows `dtype`, e.g. 1e5 in float16) is an
+    error unless allow_nonfinite is set."""
     dtype = float_dtype(dtype)
     tensors = read_safetensors(path)
     expected = param_shapes(cfg)
     check_state_dict({k: v.shape for k, v in tensors.items()}, expected, os.fspath(path))
     # astype copies, so every array is writable and owns its memory (not the file buffer)
-    params = {k: tensors[k].astype(dtype) for k in expected}
+    with np.errstate(over="ignore"):  # an overflow to inf is reported by name just below
+        params = {k: tensors[k].astype(dtype) for k in expected}
+    if not allow_nonfinite:
+        check_finite(params, os.fspath(path))
     return to_backend(params, backend)
 
 
@@ -90,7 +147,11 @@ def atomic_target(path):
     failure it is removed, so readers see the old file or the whole new one, never a part."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    remove_orphans(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=os.path.basename(path))
+    except OSError as e:  # name the file the user asked for, not our temporary one
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
     os.close(fd)
     try:
         yield tmp
@@ -100,6 +161,58 @@ def atomic_target(path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def remove_orphans(path):
+    """Delete the temporary files that a killed writer of `path` left in its folder: only
+    names of our own pattern for this very file (.tmp-<pid>-XXXXXXXX<name>), only those older
+    than this process, and never one whose writer is still running, so a concurrent
+    writer's file is left alone. (Names without a pid, from older versions, go by age.)"""
+    folder = os.path.dirname(os.path.abspath(path))
+    name = re.escape(os.path.basename(path))
+    pattern = re.compile(re.escape(TMP_PREFIX) + r"(?:([0-9]+)-)?[a-z0-9_]{8}" + name + r"\Z")
+    try:
+        entries = [(e, pattern.match(e.name)) for e in os.scandir(folder)]
+    except OSError:
+        return  # an unreadable folder: mkstemp will say what is wrong
+    for e, match in entries:
+        if match is None or (match.group(1) and _running(int(match.group(1)))):
+            continue
+        try:
+            if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < _STARTED:
+                os.unlink(e.path)
+        except OSError:
+            pass  # gone already, or not ours to remove
+
+
+def _running(pid):
+    """Whether process `pid` exists (here; a shared folder's other hosts cannot be asked)."""
+    if pid == os.getpid() or os.name == "nt":  # on Windows, os.kill would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists but is not ours, or cannot tell: keep its file
+    return True
+
+
+def check_writable(path):
+    """Raise OSError now if `path` cannot be written later (its folder is missing or read-only,
+    or it is a folder): a check before a long run, not a guarantee."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"cannot write {path}: no such directory {folder}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=os.path.basename(path))
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {path}: {e.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def atomic_write_bytes(path, data):
