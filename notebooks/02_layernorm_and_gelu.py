@@ -85,7 +85,8 @@ for name, analytic, param in [("dx", dx, x), ("dw", dw, w), ("db", db, b)]:
 # precision in float64, and the Abramowitz–Stegun 7.1.26 formula in float32. We measure both at
 # the same inputs (a float32 input is compared with math.erf of that very float32 value). The
 # float32 error peaks near |x| ≈ 0.05, where 1 − poly·e^(−x²) cancels; an exhaustive scan of the
-# float32 values puts its worst case at 6.7e-7 (x ≈ ±0.0464), so the figure to quote is **below 7e-7**.
+# float32 values with 2⁻⁹ ≤ |x| ≤ 6 puts its worst case at 6.7e-7 (x ≈ ±0.0464), so the figure
+# to quote is **below 7e-7**. A sample of 500,000 points finds nearly that:
 
 # %%
 grid = np.linspace(-6, 6, 100001)

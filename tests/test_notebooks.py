@@ -11,8 +11,12 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_six_notebooks():
-    assert len(NOTEBOOKS) == 6
+def test_the_walkthrough_is_complete():
+    # six or more (helpers add notebooks); each has at least one exercise with a checkable answer
+    assert len(NOTEBOOKS) >= 6
+    for path in NOTEBOOKS:
+        text = path.read_text()
+        assert "**Exercise" in text and "assert " in text.split("**Exercise", 1)[1], f"{path.name}: no checked exercise"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -29,4 +33,4 @@ def test_notebook_executes(path):
     assert not errors
     assert any(o.get("output_type") in ("stream", "display_data", "execute_result") for o in outputs)
     print(f"{path.name}: {seconds:.1f} s")
-    assert seconds < 180
+    assert seconds < 180  # CI budget per notebook; each takes well under a minute on an idle 2-core machine
