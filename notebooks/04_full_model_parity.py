@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import minimixer as mm
-from minimixer import layers, model
+from minimixer import layers
 from minimixer.checkpoints.registry import class_names
 from minimixer.data import eval_transform, open_image
 from minimixer.optim import AdamW, bias_and_norm
@@ -55,7 +55,7 @@ print(f"tiny config: N = {N}, D = {D}, DS = {DS}, DC = {DC}, {tiny.num_blocks} b
 # exactly zero, so the block is the identity and its backward passes `dout` through unchanged.
 
 # %%
-p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in model.block_params(mm.init_params(tiny, dtype="float64"), 0).items()}
+p = {k: v + 0.3 * rng.standard_normal(v.shape) for k, v in mm.model.block_params(mm.init_params(tiny, dtype="float64"), 0).items()}
 x = rng.standard_normal((3, N, D))
 dout = rng.standard_normal(x.shape)
 silent = dict(p, **{k: np.zeros_like(p[k]) for k in ("mlp_tokens.fc2.weight", "mlp_tokens.fc2.bias",
@@ -274,7 +274,7 @@ if HAVE_TIMM:
     t0 = time.perf_counter()
     ours = mm.predict(params, x, cfg)  # the fast inference path
     t1 = time.perf_counter()
-    clear = model.predict(params, x, cfg)  # model.py's forward, written like the paper
+    clear = mm.model.predict(params, x, cfg)  # model.py's forward, written like the paper
     with torch.inference_mode():
         ref = model(torch.from_numpy(x)).numpy()
     t2 = time.perf_counter()
