@@ -205,9 +205,11 @@ print(f"patches and token MLPs shuffled: max |Δ logits| = {np.abs(both - logits
 assert np.abs(both - logits).max() < 1e-12 < 1e-3 < np.abs(shuffled - logits).max()
 
 # %% [markdown]
-# The same fact explains the paper's permuted-pixels experiment (§3.5 and notebook 5): a Mixer
+# The same fact explains the paper's permuted-pixels experiment (§3.4, and notebook 5): a Mixer
 # trained on images whose patches are all shuffled by one fixed permutation is just the same Mixer
-# with its token weights shuffled. It learns as well as on natural images, which a CNN does not.
+# with its token weights shuffled. (The paper also shuffles the pixels inside each patch by one
+# fixed permutation; the stem, a linear map of the flattened patch, absorbs that by permuting its
+# columns.) So the Mixer learns as well as on natural images; the paper's ResNet does not.
 #
 # ## Cost: linear in the number of tokens
 # Per image and per block, the token MLP does 2·N·DS·D multiply-accumulates (fc1 and fc2), linear
