@@ -120,9 +120,10 @@ for d in range(D):
     off[d * DS:(d + 1) * DS, d * N:(d + 1) * N] = 0
 print(f"Jacobian {J.shape}: max |off-diagonal block| = {np.abs(off).max():.0e}, "
       f"max |block_d - fc1.weight| = {max(np.abs(B - W1).max() for B in blocks):.0e}")
-plt.figure(figsize=(4, 4))
-plt.imshow(np.abs(J[:4 * DS, :4 * N]) > 0, cmap="gray_r")
-plt.title("nonzeros of the Jacobian, first 4 channels:\n4 identical blocks on the diagonal")
+lim = np.abs(W1).max()
+plt.figure(figsize=(9, 2.6))
+plt.imshow(J[:4 * DS, :4 * N], cmap="RdBu_r", vmin=-lim, vmax=lim)
+plt.title("the Jacobian's first 4 channels: 4 identical (DS × N) blocks on the diagonal, zeros elsewhere")
 plt.axis("off")
 plt.show()
 
