@@ -52,14 +52,15 @@ def rel_error(a, b):
 # $g = w\odot g_y$ the gradient at $\hat x$. Two small derivatives:
 # $\partial\mu/\partial x_i = 1/D$, and, because $\sum_j (x_j-\mu) = 0$,
 # $\partial\sigma^2/\partial x_i = \tfrac2D (x_i-\mu)$, so
-# $\partial r/\partial x_i = -\tfrac12 r^3\cdot\tfrac2D(x_i-\mu) = -\tfrac rD\,\hat x_i$. Then
+# $\partial r/\partial x_i = -\tfrac12 r^3\cdot\tfrac2D(x_i-\mu) = -\tfrac{r^2}{D}\,\hat x_i$. With
+# $x_j-\mu = \hat x_j/r$ and the product rule on $\hat x_j = (x_j-\mu)\,r$:
 #
 # $$\frac{\partial \hat x_j}{\partial x_i} = r\Big(\delta_{ij} - \frac1D - \frac{\hat x_j\,\hat x_i}{D}\Big)
 # \quad\Longrightarrow\quad
 # dx_i = \sum_j g_j \frac{\partial \hat x_j}{\partial x_i}
 #      = r\,\big(g_i - \overline{g} - \hat x_i\,\overline{g\odot\hat x}\big),$$
 #
-# with bars for means over the D channels. This is exactly eps-aware (ε sits inside r). The three
+# with bars for means over the D channels. It is exact with ε too (ε only sits inside r). The three
 # lines of `layernorm_backward` are this formula: subtract the mean path, subtract the variance
 # path, multiply by rstd. Now check it against central differences:
 
