@@ -230,7 +230,7 @@ for px in (224, 384, 448):
     print(f"{px:4d} {N_:4d} {tok_macs / 1e6:11.1f} {qk / 1e6:11.1f} {attn / 1e6:11.1f} {ch / 1e6:12.1f}")
 
 # %% [markdown]
-# Going from 224 to 448 px multiplies N by 4: the token MLP's cost by 4 (×3.1 from 224 to 384),
+# Going from 224 to 448 px multiplies N by 4: the token MLP's cost by 4 (×2.9 from 224 to 384),
 # attention's N² terms by 16. At 224 px attention's mixing is the cheaper of the two; the curves
 # cross where 2·N·DS·D = 2·N²·D, at N = DS = 384 tokens (≈ 313 px for P = 16). In practice the
 # channel MLP dominates both.
