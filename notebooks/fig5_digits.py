@@ -9,7 +9,8 @@ background filling in), which the paper (§3.5) names as what shapes the units. 
 is the paper's control: the same training on images whose 64 pixels are shuffled by one fixed
 permutation.
 
-Both runs are deterministic functions of SEED (batch order, shifts, initialization). Each takes
+Both runs are deterministic functions of SEED (batch order, shifts, initialization): rerunning on
+the same machine reproduces the files bit for bit (another BLAS may round differently). Each takes
 about two minutes on a 2-core machine (100 epochs of 1,442 images; 105 s and 231 s measured while
 other jobs shared the cores). The outputs are about 105 KB each.
 Notebook 5 and tests/test_notebook_claims.py load them and use the measures below.
