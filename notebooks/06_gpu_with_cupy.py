@@ -46,7 +46,8 @@ else:
 
 # %% [markdown]
 # ## Exercises
-# The answer cell ships with one solution so the notebook runs in CI; cover it and write your own.
+# The answer cells ship with one solution so the notebook runs in CI; cover them and write your own.
+# The graded exercises (layers, mixing, loss and AdamW) are the coursework: minimixer/coursework/README.md.
 #
 # **Exercise 6.1.** How many bytes does `mm.to_backend(params, "cupy")` copy to the GPU for
 # Mixer-B/16 in float32, and how does that compare with the 240 MB checkpoint file? Expected:
