@@ -6,7 +6,22 @@
 # `Conv2d(3, D, kernel_size=P, stride=P)`. minimixer writes it the way the paper says it:
 # extract the patches, then a matrix multiply.
 #
-# Mixer-B/16 takes 224×224 images, P = 16 and D = 768: a 14×14 grid, so **N = 196 tokens** of 768 channels.
+# We use Mixer-S/16 here: 224×224 images, P = 16 and D = 512, a 14×14 grid, so **N = 196 tokens** of
+# 512 channels. (With B/16 a flattened patch has 3·16·16 = 768 values and D is also 768, so patches
+# and tokens would print the same shape and hide which axis is which. S/16 keeps them apart.)
+#
+# **Notation.** The paper and the code name the same things differently, and one letter collides:
+#
+# | paper | code | meaning | S/16 | B/16 |
+# |---|---|---|---|---|
+# | S | `N` (`cfg.num_patches`) | number of patches = tokens | 196 | 196 |
+# | C | `D` (`cfg.embed_dim`) | hidden channels per token | 512 | 768 |
+# | D_S | `DS` (`cfg.token_hidden`) | token-mixing MLP width | 256 | 384 |
+# | D_C | `DC` (`cfg.channel_hidden`) | channel-mixing MLP width | 2048 | 3072 |
+# | P | `P` (`cfg.patch_size`) | patch side in pixels | 16 | 16 |
+# | (3) | `C` (`cfg.in_chans`) | input colour channels | 3 | 3 |
+#
+# In the code, `C` is the image's colour channels; the paper's C is our `D`.
 
 # %%
 from pathlib import Path
@@ -19,8 +34,9 @@ from minimixer import layers
 from minimixer.data import eval_transform, open_image
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
-cfg = mm.get_config("mixer_b16_224")
-print(f"image {cfg.image_hw}, patch {cfg.patch_size}, grid {cfg.grid_size}, N = {cfg.num_patches}, D = {cfg.embed_dim}")
+cfg = mm.get_config("mixer_s16_224")
+print(f"image {cfg.image_hw}, patch {cfg.patch_size}, grid {cfg.grid_size}, N = {cfg.num_patches}, D = {cfg.embed_dim}, "
+      f"DS = {cfg.token_hidden}, DC = {cfg.channel_hidden}")
 
 # %% [markdown]
 # A real photo, prepared exactly as timm prepares ImageNet validation images. The shorter side is
@@ -48,7 +64,7 @@ plt.show()
 
 # %%
 patches = layers.patchify(x[None], cfg.patch_size)  # (1, 196, 768)
-print("patches", patches.shape, "= (B, N, C·P·P)")
+print("patches", patches.shape, "= (B, N, C·P·P) with C·P·P = 3·16·16 = 768")
 
 fig, axes = plt.subplots(2, 7, figsize=(9, 3))
 for k, ax in enumerate(axes.flat):  # the first two rows of the grid: patches 0..6 and 14..20
@@ -67,14 +83,14 @@ plt.show()
 rng = np.random.default_rng(0)
 w = rng.standard_normal((cfg.embed_dim, 3, 16, 16)).astype(np.float32) * 0.02
 b = rng.standard_normal(cfg.embed_dim).astype(np.float32) * 0.1
-tokens, cache = layers.patch_embed_forward(x[None], w, b, cfg.patch_size)  # (1, 196, 768)
+tokens, cache = layers.patch_embed_forward(x[None], w, b, cfg.patch_size)  # (1, 196, 512)
 
 conv = np.empty((14, 14, cfg.embed_dim), np.float32)
 for i in range(14):
     for j in range(14):
         window = x[:, 16 * i:16 * (i + 1), 16 * j:16 * (j + 1)]  # (3, 16, 16)
         conv[i, j] = np.einsum("chw,dchw->d", window, w) + b
-print("tokens", tokens.shape, " max |matmul - conv| =", float(np.abs(tokens[0] - conv.reshape(196, -1)).max()))
+print("tokens", tokens.shape, "= (B, N, D)   max |matmul - conv| =", float(np.abs(tokens[0] - conv.reshape(196, -1)).max()))
 
 # %% [markdown]
 # Its backward pass folds the patch gradients back into image positions (`unpatchify`). Cutting an
@@ -82,3 +98,38 @@ print("tokens", tokens.shape, " max |matmul - conv| =", float(np.abs(tokens[0] -
 
 # %%
 print("unpatchify(patchify(x)) == x:", np.array_equal(layers.unpatchify(patches, (1, 3, 224, 224), 16), x[None]))
+
+# %% [markdown]
+# ## Exercises
+# Each exercise cell ships with one answer so that the notebook runs top to bottom in CI. Cover
+# it, write your own, and let the `assert` judge. The graded versions of the layers are in the
+# coursework (`python -m minimixer.coursework release --out hw/`, see minimixer/coursework/README.md).
+#
+# **Exercise 1.1.** Write `patchify` with two loops over the patch grid (no reshapes across
+# patches). It must equal `layers.patchify` exactly, because it only moves numbers.
+
+# %%
+def patchify_loop(images, P):
+    B, C, H, W = images.shape
+    rows = []
+    for i in range(H // P):  # grid row
+        for j in range(W // P):  # grid column: row-major (h, w) token order
+            rows.append(images[:, :, P * i:P * (i + 1), P * j:P * (j + 1)].reshape(B, -1))  # (B, C·P·P)
+    return np.stack(rows, axis=1)  # (B, N, C·P·P)
+
+
+assert np.array_equal(patchify_loop(x[None], 16), patches)
+print("patchify_loop == layers.patchify: exact")
+
+# %% [markdown]
+# **Exercise 1.2.** Without running the model: for Mixer-S/32 at 224 px, how many tokens are
+# there, how long is a flattened patch, and how many parameters does the stem have
+# (weight and bias)? Check your three numbers against the config.
+
+# %%
+answer = (49, 3072, 512 * 3072 + 512)  # N = (224/32)², C·P·P = 3·32·32, D·C·P·P + D
+s32 = mm.get_config("mixer_s32_224")
+shapes = mm.param_shapes(s32)
+assert answer == (s32.num_patches, s32.in_chans * s32.patch_size**2,
+                  int(np.prod(shapes["stem.proj.weight"])) + shapes["stem.proj.bias"][0])
+print("S/32: N, C·P·P, stem parameters =", answer)

@@ -43,3 +43,28 @@ else:
     t0 = time.perf_counter()
     mm.predict(params, x, cfg)
     print(f"For reference, the CPU (NumPy) path: {len(x) / (time.perf_counter() - t0):.2f} img/s for B/16 at batch {len(x)}")
+
+# %% [markdown]
+# ## Exercises
+# The answer cells ship with one solution so the notebook runs in CI; cover them and write your own.
+# The graded exercises (layers, mixing, loss and AdamW) are the coursework: minimixer/coursework/README.md.
+#
+# **Exercise 6.1.** How many bytes does `mm.to_backend(params, "cupy")` copy to the GPU for
+# Mixer-B/16 in float32, and how does that compare with the 240 MB checkpoint file? Expected:
+# 239,521,888 bytes (59,880,472 parameters × 4 bytes): the file is the parameters and little else.
+
+# %%
+nbytes = sum(v.nbytes for v in params.values())
+print(f"B/16 parameters: {mm.param_count(cfg):,} -> {nbytes:,} bytes in float32")
+assert nbytes == mm.param_count(cfg) * 4 == 239_521_888
+
+# %% [markdown]
+# **Exercise 6.2.** The channel MLP of one block does 2·N·D·DC multiply-accumulates per image
+# (notebook 3's cost table). At batch 256, how many TFLOP (2 per MAC) do the 12 blocks' channel
+# MLPs need per forward pass? Expected: 5.68 TFLOP, a few milliseconds on a modern GPU and tens of
+# seconds on this CPU.
+
+# %%
+macs = 12 * 2 * cfg.num_patches * cfg.embed_dim * cfg.channel_hidden * 256
+print(f"channel MLPs, batch 256: {2 * macs / 1e12:.2f} TFLOP")
+assert round(2 * macs / 1e12, 2) == 5.68

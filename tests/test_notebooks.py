@@ -11,8 +11,13 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_six_notebooks():
-    assert len(NOTEBOOKS) == 6
+def test_the_walkthrough_is_complete():
+    # six or more (later notebooks are welcome); each of 01-06 ends with at least one exercise
+    # whose answer the notebook checks with an assert
+    assert len(NOTEBOOKS) >= 6
+    for path in [p for p in NOTEBOOKS if p.name[:2] in ("01", "02", "03", "04", "05", "06")]:
+        text = path.read_text()
+        assert "**Exercise" in text and "assert " in text.split("**Exercise", 1)[1], f"{path.name}: no checked exercise"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
@@ -29,4 +34,4 @@ def test_notebook_executes(path):
     assert not errors
     assert any(o.get("output_type") in ("stream", "display_data", "execute_result") for o in outputs)
     print(f"{path.name}: {seconds:.1f} s")
-    assert seconds < 180
+    assert seconds < 180  # CI budget per notebook; each takes well under a minute on an idle 2-core machine
