@@ -74,29 +74,24 @@ def strip_solutions(source, where="source"):
     return "\n".join(out) + "\n"
 
 
-def lazy_init(source):
-    """The package's __init__, importing on first use: the self-check then runs (and says what is
-    wrong) while the student's layers.py does not import yet."""
+def guarded_init(source):
+    """The package's __init__ with its imports in a try: `python -m minimixer.coursework check`
+    then runs (and says what is wrong) while the student's layers.py does not import."""
     tree = ast.parse(source)
     doc = tree.body[0] if tree.body and isinstance(tree.body[0], ast.Expr) else None
     lines = source.splitlines(keepends=True)
     head = "".join(lines[:doc.end_lineno]) if doc else ""
-    rest = "".join(lines[doc.end_lineno:]) if doc else source
-    return head + f"""
-# Student edition: the imports below run on first use of minimixer.<name>, so that
-# `python -m minimixer.coursework check` works while your layers.py is unfinished.
-_EAGER = {rest!r}
-
-
-def __getattr__(name):
-    if name.startswith("__"):
-        raise AttributeError(name)
-    exec(compile(_EAGER, __file__, "exec"), globals())
-    try:
-        return globals()[name]
-    except KeyError:
-        raise AttributeError(f"module 'minimixer' has no attribute {{name!r}}") from None
+    rest = "".join(("    " + line) if line.strip() else line for line in lines[doc.end_lineno if doc else 0:])
+    text = head + f"""
+# Student edition: while your layers.py does not import, the self-check still runs
+try:
+{rest.strip(chr(10))}
+except Exception as _error:  # noqa: BLE001
+    def __getattr__(name, _error=_error):
+        raise AttributeError(f"minimixer.{{name}}: the package did not import ({{type(_error).__name__}}: {{_error}})")
 """
+    ast.parse(text)
+    return text
 
 
 def _edition_files(with_selfcheck=True):
@@ -117,7 +112,7 @@ def _edition_files(with_selfcheck=True):
         with open(path, encoding="utf-8") as f:
             files[os.path.join("minimixer", f"{module}.py")] = strip_solutions(f.read(), f"{module}.py").encode()
     with open(os.path.join(PACKAGE, "__init__.py"), encoding="utf-8") as f:
-        files[os.path.join("minimixer", "__init__.py")] = lazy_init(f.read()).encode()
+        files[os.path.join("minimixer", "__init__.py")] = guarded_init(f.read()).encode()
     with open(os.path.join(HERE, "student_fast.py"), "rb") as f:
         files[os.path.join("minimixer", "fast.py")] = f.read()
     cw = os.path.join("minimixer", "coursework")
@@ -136,8 +131,13 @@ def _edition_files(with_selfcheck=True):
 
 
 def _extras():
-    """The walkthrough notebooks and the photo they open, when this is a source checkout."""
+    """The walkthrough notebooks, the photo they open and the bundled digits model (the default of
+    eval and predict), when this is a source checkout."""
     files = {}
+    digits = os.path.join(REPO, "weights", "mixer_digits.safetensors")
+    if os.path.exists(digits):
+        with open(digits, "rb") as f:
+            files[os.path.join("weights", "mixer_digits.safetensors")] = f.read()
     nb = os.path.join(REPO, "notebooks")
     if os.path.isdir(nb):
         for n in sorted(os.listdir(nb)):
@@ -325,7 +325,7 @@ def find_files(folder):
     return found
 
 
-def grade(folder, seed, timeout=DEFAULT_TIMEOUT, sandbox=True):
+def grade(folder, seed, timeout=DEFAULT_TIMEOUT, sandbox=True, audit=True):
     """Grade one submission folder on the cases of `seed`; the student's code runs in a child process."""
     start = time.monotonic()
     cases = cases_for(seed)
@@ -341,7 +341,7 @@ def grade(folder, seed, timeout=DEFAULT_TIMEOUT, sandbox=True):
             jobs = [j for j in jobs_for(cases) if j["module"] in found]
             ran, info = runner.run_jobs(jobs, edition=grading_edition(), overlay=overlay,
                                         files=[FILES[m] for m in found], timeout=timeout,
-                                        lent=SOLUTIONS, sandbox=sandbox)
+                                        lent=SOLUTIONS, sandbox=sandbox, audit=audit)
             outcomes.update(ran)
     return score_all(outcomes, cases, seed, time.monotonic() - start, info["landlock"])
 

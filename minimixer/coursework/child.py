@@ -184,14 +184,17 @@ def main():
         sandboxed = landlock(readable, files)
         for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.") or m == "_ctypes"]:
             del sys.modules[name]
-        audit_hook(readable, files)
-    protocol.send(_OUT, {"type": "hello", "landlock": sandboxed})
+        if config.get("audit", True):
+            audit_hook(readable, files)
+    # held in locals: a submission that replaces this module's functions changes nothing here
+    send, receive, run = protocol.send, protocol.receive, run_job
+    send(_OUT, {"type": "hello", "landlock": sandboxed})
     modules = {}
     while True:
-        job = protocol.receive(_IN)
+        job = receive(_IN)
         if job is None:
             return
-        protocol.send(_OUT, {"type": "phase", "phase": "import"})
+        send(_OUT, {"type": "phase", "phase": "import"})
         mod = job["module"]
         if mod not in modules:
             try:
@@ -201,10 +204,10 @@ def main():
                                                exit=isinstance(e, SystemExit))
         module = modules[mod]
         if isinstance(module, SubmissionError):
-            protocol.send(_OUT, {"type": "import_error", "reason": str(module), "exit": module.exit})
+            send(_OUT, {"type": "import_error", "reason": str(module), "exit": module.exit})
             continue
-        protocol.send(_OUT, {"type": "phase", "phase": "run"})
-        protocol.send(_OUT, {"type": "result", "cases": run_job(module, job, student_files)})
+        send(_OUT, {"type": "phase", "phase": "run"})
+        send(_OUT, {"type": "result", "cases": run(module, job, student_files)})
 
 
 def lend(name):

@@ -29,7 +29,7 @@ def _describe_exit(rc):
 
 
 class Child:
-    def __init__(self, edition, overlay, files, sandbox):
+    def __init__(self, edition, overlay, files, sandbox, audit=True):
         env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
         script = os.path.join(edition, "minimixer", "coursework", "child.py")
@@ -40,7 +40,8 @@ class Child:
         self.tail = b""
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
-        self.config = {"overlay": overlay, "edition": edition, "files": list(files), "sandbox": sandbox}
+        self.config = {"overlay": overlay, "edition": edition, "files": list(files), "sandbox": sandbox,
+                       "audit": audit}
 
     def _read_stderr(self):
         for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
@@ -81,12 +82,13 @@ class Child:
         return f"; its last output: {lines[-1][:160]}" if lines else ""
 
 
-def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True):
+def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True, audit=True):
     """Run each job in a child process. Returns {exercise: outcome} where an outcome is
     {"status": "ran", "cases": [...]} or {"status": "timeout" | "crashed", "reason": ...}.
 
     jobs: dicts with exercise, module, file, kind, cases (inputs), lend (callee names);
-    lent: {name: correct function} that the grader runs for the child (None: nothing is lent).
+    lent: {name: correct function} that the grader runs for the child (None: nothing is lent);
+    sandbox: Landlock and the audit hook; audit=False leaves the hook out (to test Landlock alone).
     """
     outcomes, failed_files, child = {}, {}, None
     info = {"landlock": None}
@@ -100,7 +102,7 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True)
             try:
                 deadline = time.monotonic() + timeout
                 if child is None:
-                    child = _start(edition, overlay, files, sandbox, deadline + 30)  # start-up: not the student's time
+                    child = _start(edition, overlay, files, sandbox, audit, deadline + 30)  # start-up: not the student's time
                     info["landlock"] = child.landlock
                 child.send(job, deadline)
                 calls = 0
@@ -117,7 +119,7 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True)
                         failed_files[job["file"]] = outcomes[name] = outcome
                         break
                     elif kind == "result":
-                        outcomes[name] = {"status": "ran", "cases": msg["cases"]}
+                        outcomes[name] = {"status": "ran", "cases": _checked(msg.get("cases"), job)}
                         break
                     else:
                         raise protocol.ProtocolError("unexpected message")
@@ -140,8 +142,8 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True)
                           else f"the child broke the protocol ({e})")
                 outcome = {"status": "crashed", "reason": f"{reason} {where}{words}"}
                 outcomes[name] = outcome
-                if phase == "import":
-                    failed_files[job["file"]] = outcome
+                if phase == "import" or not isinstance(e, EOFError) and rc == -signal.SIGKILL:
+                    failed_files[job["file"]] = outcome  # an import-time crash, or tampering: the whole file
         return outcomes, info
     finally:
         if child is not None:
@@ -153,8 +155,17 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True)
             child.kill()
 
 
-def _start(edition, overlay, files, sandbox, deadline):
-    child = Child(edition, overlay, files, sandbox)
+def _checked(cases, job):
+    """The child's per-case results, if they have the shape child.py gives them."""
+    ok = isinstance(cases, list) and len(cases) == len(job["cases"]) and all(
+        isinstance(c, dict) and (("value" in c) or isinstance(c.get("error"), str)) for c in cases)
+    if not ok:
+        raise protocol.ProtocolError("malformed results: the submission tampered with the grading process")
+    return cases
+
+
+def _start(edition, overlay, files, sandbox, audit, deadline):
+    child = Child(edition, overlay, files, sandbox, audit)
     try:
         child.start(deadline)
     except (EOFError, OSError, protocol.ProtocolError, protocol.Deadline) as e:
