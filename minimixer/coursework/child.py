@@ -180,6 +180,9 @@ def main():
     pkg.__file__ = os.path.join(edition, "minimixer", "__init__.py")
     sys.modules["minimixer"] = pkg
     sandboxed = False
+    if config.get("memory"):
+        import resource  # a runaway allocation fails in the student's code, not in the machine
+        resource.setrlimit(resource.RLIMIT_AS, (config["memory"], config["memory"]))
     if config.get("sandbox", True):
         sandboxed = landlock(readable, files)
         for name in [m for m in sys.modules if m == "ctypes" or m.startswith("ctypes.") or m == "_ctypes"]:
@@ -244,6 +247,9 @@ def run_job(module, job, student_files):
                     value = params
                 else:
                     value = fn(*inputs["args"], **inputs["kwargs"])
+                size = protocol.nbytes(value)
+                if size > protocol.MAX_MESSAGE // 4:
+                    raise ValueError(f"the result takes {size} bytes: far more than the exercise asks for")
                 protocol.encode(value)  # fails here, not in send, for a result that cannot travel
                 cases.append({"value": value})
             except BaseException as e:  # noqa: BLE001 - includes SystemExit: reported, then the next case

@@ -183,7 +183,10 @@ def _compare_array(got, expected, floor):
         return "is missing"
     if isinstance(got, (bool, str, Opaque, tuple, list, dict)) or got is None:
         return f"is {describe(got)}, expected {'a number' if e.ndim == 0 else f'an array of shape {e.shape}'}"
-    g = np.asarray(got, dtype=np.float64)
+    try:
+        g = np.asarray(got, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return f"is {describe(got)}, which is not an array of numbers"
     if g.shape != e.shape:
         return f"has shape {g.shape}, expected {e.shape}"
     bad = ~np.isfinite(g)

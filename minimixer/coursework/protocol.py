@@ -58,12 +58,31 @@ def encode(tree):
     return b"".join([struct.pack("<I", len(head)), head] + [a.tobytes() for a in arrays])
 
 
+def nbytes(tree, _depth=0):
+    """About how many bytes encode(tree) takes (its arrays), without encoding it."""
+    if _depth > 50:
+        raise ValueError("the result is nested too deeply")
+    if isinstance(tree, (tuple, list)):
+        return sum(nbytes(v, _depth + 1) for v in tree)
+    if isinstance(tree, dict):
+        return sum(nbytes(v, _depth + 1) for v in tree.values())
+    return int(getattr(tree, "nbytes", 0) or 0)
+
+
 def decode(payload):
+    """The tree in a payload; ProtocolError for anything that encode() would not have written."""
     try:
-        (n,) = struct.unpack_from("<I", payload)
-        head = json.loads(payload[4:4 + n].decode())
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise ProtocolError(f"unreadable message: {e}") from None
+        return _decode(payload)
+    except ProtocolError:
+        raise
+    except (struct.error, ValueError, TypeError, KeyError, AttributeError, RecursionError, OverflowError,
+            MemoryError) as e:
+        raise ProtocolError(f"unreadable message: {type(e).__name__}: {e}"[:200]) from None
+
+
+def _decode(payload):
+    (n,) = struct.unpack_from("<I", payload)
+    head = json.loads(payload[4:4 + n].decode())
     offset = [4 + n]
 
     def dec(obj):
@@ -84,8 +103,10 @@ def decode(payload):
         if "@o" in obj:
             return Opaque(str(obj["@o"]))
         if "@a" in obj:
-            dtype = np.dtype(obj["dtype"])
+            dtype = np.dtype(str(obj["dtype"]))
             shape = tuple(int(s) for s in obj["shape"])
+            if len(shape) > 32:
+                raise ProtocolError("too many dimensions")
             if dtype.kind not in _DTYPE_KINDS or any(s < 0 for s in shape):
                 raise ProtocolError(f"refused array dtype {dtype}")
             size = math.prod(shape) * dtype.itemsize

@@ -17,6 +17,7 @@ from . import protocol
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_CALLS = 10_000  # requests for a lent function per exercise
+MEMORY_LIMIT = 4 << 30  # bytes of address space for a child
 
 
 def _describe_exit(rc):
@@ -41,7 +42,7 @@ class Child:
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
         self.config = {"overlay": overlay, "edition": edition, "files": list(files), "sandbox": sandbox,
-                       "audit": audit}
+                       "audit": audit, "memory": MEMORY_LIMIT}
 
     def _read_stderr(self):
         for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
@@ -112,6 +113,8 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True,
                     if kind == "phase":
                         phase = msg["phase"]
                     elif kind == "call":
+                        if time.monotonic() > deadline:
+                            raise protocol.Deadline()
                         calls += 1
                         child.send(_serve(msg, job, lent, calls), deadline)
                     elif kind == "import_error":
