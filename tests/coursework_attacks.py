@@ -25,13 +25,42 @@ def import_full_package(key, blank, full_package_dir, secret):
 # try to take every answer from the full minimixer (which holds the solutions)
 import importlib.util as _u, sys as _s
 _s.path.insert(0, {str(full_package_dir)!r})
-_spec = _u.spec_from_file_location("minimixer_full_layers", {str(full_package_dir) + "/minimixer/layers.py"!r})
+_spec = _u.spec_from_file_location("minimixer._full_layers", {str(full_package_dir) + "/minimixer/layers.py"!r})
 _full = _u.module_from_spec(_spec)
 _spec.loader.exec_module(_full)
-globals().update({{k: v for k, v in vars(_full).items() if k.endswith(("_forward", "_backward"))}})
+globals().update({{k: v for k, v in vars(_full).items() if k.endswith(("_forward", "_backward", "_entropy"))}})
 from minimixer.layers import *  # noqa
 '''
     return blank["layers"] + code, blank["optim"], LAYER_EXERCISES, r"does not import: .*(Permission|not allowed)"
+
+
+def import_solutions_quietly(key, blank, full_package_dir, secret):
+    code = f'''
+
+# the issue's recipe (a star import from the package), then the full package imported afresh
+# from its folder (without its __init__), each in a try so that the file still imports
+try:
+    from minimixer.layers import *  # noqa
+except Exception:
+    pass
+try:
+    import sys as _s, types as _t
+    _saved = {{k: _s.modules.pop(k) for k in list(_s.modules) if k.split(".")[0] == "minimixer"}}
+    try:
+        _pkg = _t.ModuleType("minimixer")
+        _pkg.__path__ = [{str(full_package_dir) + "/minimixer"!r}]
+        _s.modules["minimixer"] = _pkg
+        import minimixer.layers as _full
+        _found = {{k: v for k, v in vars(_full).items() if k.endswith(("_forward", "_backward", "_entropy"))}}
+    finally:
+        for _k in [k for k in _s.modules if k.split(".")[0] == "minimixer"]:
+            del _s.modules[_k]
+        _s.modules.update(_saved)
+    globals().update(_found)
+except Exception:
+    pass
+'''
+    return blank["layers"] + code, blank["optim"], LAYER_EXERCISES, r"^not implemented$"
 
 
 def replace_grader_functions(key, blank, full_package_dir, secret):
@@ -119,5 +148,5 @@ def syntax_error(key, blank, full_package_dir, secret):
     return text, key["optim"], LAYER_EXERCISES, r"SyntaxError at layers\.py, line \d+"
 
 
-ATTACKS = {f.__name__: f for f in (import_full_package, replace_grader_functions, stack_frames, file_system,
+ATTACKS = {f.__name__: f for f in (import_full_package, import_solutions_quietly, replace_grader_functions, stack_frames, file_system,
                                    infinite_loop, sys_exit, os_exit_at_import, syntax_error)}

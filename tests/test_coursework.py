@@ -383,3 +383,16 @@ def test_cli_one_submission_and_bad_input(texts, tmp_path):
                           (("grade", str(sub), "--timeout", "0"), "--timeout must be > 0")]:
         r = cw(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("attack", ["import_full_package", "import_solutions_quietly", "file_system"])
+def test_the_attacks_work_without_the_sandbox(texts, tmp_path, attack):
+    """The attacks above are real: with the sandbox off, they take the solutions' points. (The
+    child's clean sys.path alone does not stop a submission that knows where the package is.)"""
+    key, blank = texts
+    secret = tmp_path / "private_reference.txt"
+    secret.write_text("the hidden seed is 1234")
+    layers_src, optim_src, affected, _ = ATTACKS[attack](key, blank, REPO, secret)
+    result = coursework.grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=10, sandbox=False)
+    rows = {r["exercise"]: r for r in result["exercises"]}
+    assert all(rows[name]["points"] == 10 for name in affected), {n: rows[n]["message"] for n in affected}
