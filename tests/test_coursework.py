@@ -369,6 +369,9 @@ def test_batch_gradebook_for_a_generated_class(texts, tmp_path):
     feedback = tmp_path / "grades_feedback"
     assert sorted(p.stem for p in feedback.glob("*.txt")) == sorted(expected)
     assert "timed out after 2 s in mlp_backward" in (feedback / "s03.txt").read_text()
+    seconds = {p.stem: json.loads(p.read_text())["seconds"] for p in feedback.glob("*.json")
+               if "seconds" in json.loads(p.read_text())}
+    print("grading seconds per student:", dict(sorted(seconds.items())))
     assert not list(tmp_path.glob(".tmp-*"))  # the CSV was written atomically
 
 

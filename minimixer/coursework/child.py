@@ -146,6 +146,13 @@ class SubmissionError(Exception):
 
 def explain(exc, student_files):
     """One line: the exception and the deepest line of the student's own code it came from."""
+    try:
+        return _explain(exc, student_files)
+    except Exception:  # noqa: BLE001 - an exception whose str() raises, say
+        return f"{type(exc).__name__} (its message could not be shown)"
+
+
+def _explain(exc, student_files):
     if isinstance(exc, NotImplementedError):
         return "not implemented"
     if isinstance(exc, SystemExit):
