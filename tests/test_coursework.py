@@ -258,6 +258,21 @@ def test_cheats_and_crashes_cost_only_the_affected_exercises(texts, tmp_path, at
     assert result["status"] == expected_status
 
 
+def test_a_submission_that_hangs_everywhere_stops_at_its_budget(texts, tmp_path):
+    key, _ = texts
+    text = key["layers"]
+    for name in ("linear_forward", "gelu_forward", "layernorm_forward"):
+        args = re.search(rf"^def {name}(\(.*?\)):", text, flags=re.M).group(1)
+        text = replace_function(text, name, f"def {name}{args}:\n    while True:\n        pass\n")
+    start = time.monotonic()
+    result = coursework.grade(hand_in(tmp_path / "s", text, key["optim"]), SEED, timeout=2, budget=3)
+    assert time.monotonic() - start < 3 + 15
+    rows = {r["exercise"]: r for r in result["exercises"]}
+    assert "timed out after 2 s in linear_forward" in rows["linear_forward"]["message"]
+    assert all(r["points"] == 0 and r["status"] == "timeout" for n, r in rows.items() if n not in ("linear_backward",))
+    assert "the submission's 3 s were spent" in rows["AdamW"]["message"] and result["status"] == "timeout"
+
+
 def test_landlock_alone_keeps_the_files_out(texts, tmp_path):
     """The kernel sandbox holds even without the audit hook (where the kernel has Landlock)."""
     key, blank = texts
@@ -383,7 +398,7 @@ def test_cli_one_submission_and_bad_input(texts, tmp_path):
     assert not re.search(r"\(seed 0,", r.stdout)  # the default is a private seed, not the public cases
     for args, message in [(("grade", "/nonexistent/hw"), "no such folder"),
                           (("grade", "--batch", "/nonexistent"), "no such folder"),
-                          (("grade", str(sub), "--timeout", "0"), "--timeout must be > 0")]:
+                          (("grade", str(sub), "--timeout", "0"), "must be > 0")]:
         r = cw(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 

@@ -42,7 +42,8 @@ PACKAGE = os.path.dirname(HERE)
 REPO = os.path.dirname(PACKAGE)
 SELFCHECK = "selfcheck.data"
 PUBLIC_SEED = 0  # the self-check's cases, shipped to students
-DEFAULT_TIMEOUT = 120.0  # seconds per exercise
+DEFAULT_TIMEOUT = 60.0  # seconds per exercise
+DEFAULT_BUDGET = 600.0  # seconds per submission
 # shipped with the student edition: what the self-check needs, and nothing with a solution in it
 SHIPPED = ("__main__.py", "protocol.py", "exercises.py", "child.py", "runner.py", "selfcheck.py")
 
@@ -325,7 +326,7 @@ def find_files(folder):
     return found
 
 
-def grade(folder, seed, timeout=DEFAULT_TIMEOUT, sandbox=True, audit=True):
+def grade(folder, seed, timeout=DEFAULT_TIMEOUT, budget=DEFAULT_BUDGET, sandbox=True, audit=True):
     """Grade one submission folder on the cases of `seed`; the student's code runs in a child process."""
     start = time.monotonic()
     cases = cases_for(seed)
@@ -340,13 +341,14 @@ def grade(folder, seed, timeout=DEFAULT_TIMEOUT, sandbox=True, audit=True):
                 shutil.copyfile(path, os.path.join(overlay, FILES[module]))
             jobs = [j for j in jobs_for(cases) if j["module"] in found]
             ran, info = runner.run_jobs(jobs, edition=grading_edition(), overlay=overlay,
-                                        files=[FILES[m] for m in found], timeout=timeout,
+                                        files=[FILES[m] for m in found], timeout=timeout, budget=budget,
                                         lent=SOLUTIONS, sandbox=sandbox, audit=audit)
             outcomes.update(ran)
     return score_all(outcomes, cases, seed, time.monotonic() - start, info["landlock"])
 
 
-def grade_batch(root, csv_path, seed, timeout=DEFAULT_TIMEOUT, jobs=None, feedback_dir=None, log=None):
+def grade_batch(root, csv_path, seed, timeout=DEFAULT_TIMEOUT, budget=DEFAULT_BUDGET, jobs=None, feedback_dir=None,
+                log=None):
     """Grade every subfolder of root (one per student), in parallel; write the CSV and a feedback
     file per student. One bad submission never stops the batch."""
     students = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
@@ -359,7 +361,7 @@ def grade_batch(root, csv_path, seed, timeout=DEFAULT_TIMEOUT, jobs=None, feedba
 
     def one(student):
         try:
-            result = grade(os.path.join(root, student), seed, timeout)
+            result = grade(os.path.join(root, student), seed, timeout, budget)
         except Exception as e:  # noqa: BLE001 - a grader failure on one student is reported, not fatal
             result = {"exercises": [], "total": 0, "max": POINTS * len(EXERCISES), "status": "error",
                       "error": f"{type(e).__name__}: {e}"}
@@ -416,6 +418,8 @@ def _main(argv=None):
     g.add_argument("--seed", type=int, help="the hidden cases' seed (default: a fresh private one; "
                    f"{PUBLIC_SEED} is the students' self-check)")
     g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per exercise (default %(default)g)")
+    g.add_argument("--submission-timeout", type=float, default=DEFAULT_BUDGET, metavar="SECONDS",
+                   help="seconds for all of a submission's exercises (default %(default)g)")
     g.add_argument("--jobs", type=int, help="with --batch: submissions graded at once (default: the cores)")
     g.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
@@ -423,8 +427,8 @@ def _main(argv=None):
         for path in release(args.out, args.force):
             print(path)
         return 0
-    if args.timeout <= 0:
-        raise UserError("--timeout must be > 0")
+    if not (args.timeout > 0 and args.submission_timeout > 0):
+        raise UserError("--timeout and --submission-timeout must be > 0")
     seed = _seed(args)
     if args.batch:
         if args.folder:
@@ -435,13 +439,14 @@ def _main(argv=None):
         if not os.path.isdir(os.path.dirname(os.path.abspath(csv_path))):
             raise UserError(f"no folder for the CSV: {csv_path}")
         start = time.monotonic()
-        results = grade_batch(args.batch, csv_path, seed, args.timeout, args.jobs, args.feedback, log=sys.stderr)
+        results = grade_batch(args.batch, csv_path, seed, args.timeout, args.submission_timeout, args.jobs,
+                              args.feedback, log=sys.stderr)
         print(f"graded {len(results)} submissions in {time.monotonic() - start:.1f} s (seed {seed}): {csv_path}")
         return 0
     folder = args.folder or "."
     if not os.path.isdir(folder):
         raise UserError(f"no such folder: {folder}")
-    result = grade(folder, seed, args.timeout)
+    result = grade(folder, seed, args.timeout, args.submission_timeout)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -83,25 +83,30 @@ class Child:
         return f"; its last output: {lines[-1][:160]}" if lines else ""
 
 
-def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True, audit=True):
+def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, sandbox=True, audit=True):
     """Run each job in a child process. Returns {exercise: outcome} where an outcome is
     {"status": "ran", "cases": [...]} or {"status": "timeout" | "crashed", "reason": ...}.
 
     jobs: dicts with exercise, module, file, kind, cases (inputs), lend (callee names);
     lent: {name: correct function} that the grader runs for the child (None: nothing is lent);
+    timeout: seconds per exercise; budget: seconds for all of them (the rest then time out unrun);
     sandbox: Landlock and the audit hook; audit=False leaves the hook out (to test Landlock alone).
     """
     outcomes, failed_files, child = {}, {}, None
     info = {"landlock": None}
+    end = time.monotonic() + budget if budget else float("inf")
     try:
         for job in jobs:
             name = job["exercise"]
             if job["file"] in failed_files:
                 outcomes[name] = dict(failed_files[job["file"]])
                 continue
+            if time.monotonic() >= end:
+                outcomes[name] = {"status": "timeout", "reason": f"not run: the submission's {budget:g} s were spent"}
+                continue
             phase = "start"
             try:
-                deadline = time.monotonic() + timeout
+                deadline = min(time.monotonic() + timeout, end)
                 if child is None:
                     child = _start(edition, overlay, files, sandbox, audit, deadline + 30)  # start-up: not the student's time
                     info["landlock"] = child.landlock
@@ -130,7 +135,8 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, lent=None, sandbox=True,
                 child.kill()
                 child = None
                 where = f"while importing {job['file']}" if phase in ("start", "import") else f"in {name}"
-                outcome = {"status": "timeout", "reason": f"timed out after {timeout:g} s {where} (an endless loop?)"}
+                limit = f"after {timeout:g} s" if time.monotonic() < end else f"(the submission's {budget:g} s were spent)"
+                outcome = {"status": "timeout", "reason": f"timed out {limit} {where} (an endless loop?)"}
                 outcomes[name] = outcome
                 if phase == "import":
                     failed_files[job["file"]] = outcome
