@@ -39,6 +39,10 @@ def main(argv=None):
     c.add_argument("--timeout", type=float, default=60.0, help="seconds per exercise (default %(default)g)")
     c.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if sys.platform == "win32":
+        print(f"{p.prog}: error: the check runs your code in a separate process with POSIX pipes: "
+              "use Linux, macOS or WSL", file=sys.stderr)
+        return 2
     try:
         result = check(args.timeout)
     except OSError as e:
