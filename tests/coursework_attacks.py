@@ -66,8 +66,13 @@ except Exception:
 def replace_grader_functions(key, blank, full_package_dir, secret):
     code = '''
 
-# replace the grader's functions from inside the submission
+# replace the grader's functions from inside the submission (the issue's recipe first)
 import sys as _s
+try:
+    import minimixer.coursework as _c
+    _c.grade_exercise = lambda *a: (10, "looks right")
+except Exception:
+    pass
 for _name in list(_s.modules):
     _m = _s.modules[_name]
     for _attr in ("grade_exercise", "grade", "score", "run_job", "compare", "explain"):
