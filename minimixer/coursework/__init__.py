@@ -1,141 +1,223 @@
-"""Coursework: students write MLP-Mixer's forward and backward passes, and an autograder checks them.
+"""Coursework for instructors: release a student edition, grade submissions in isolation.
 
-    python -m minimixer.coursework release --out hw/            # student files, solutions stripped
-    python -m minimixer.coursework release --out key/ --solutions
-    python -m minimixer.coursework grade hw/ [--json]            # per-exercise scores and a total
-    python -m minimixer.coursework make-reference --seed 7       # rotate the hidden cases
+    python -m minimixer.coursework release --out hw/                    # the student edition
+    python -m minimixer.coursework grade SUBMISSION/ --seed 2026         # one student, a table
+    python -m minimixer.coursework grade --batch SUBMISSIONS/ --csv grades.csv --seed 2026
 
-There is one source of truth: minimixer's own layers.py and optim.py, where each
-exercise's body sits between "### BEGIN SOLUTION" and "### END SOLUTION" (nbgrader's
-markers). Releasing copies those functions, signatures, docstrings (shapes and cache
-contents) and return lines included, and replaces each solution region with
-`raise NotImplementedError`.
+One source of truth: minimixer's own layers.py and optim.py, where each exercise's body sits
+between "### BEGIN SOLUTION" and "### END SOLUTION". The student edition is a copy of the
+package in which those regions raise NotImplementedError and the fast path (whose fused
+kernels contain the same answers) is replaced by the clear path on the student's own layers.
 
-The grader imports the student's files (no torch needed). Every exercise is graded on
-its own: the other functions it calls are minimixer's, and a backward pass receives the
-cache of minimixer's forward. Each exercise is checked against stored reference outputs
-(reference.npz, made from the solution with a seed) and, for backward passes and the
-loss, by central differences.
+Grading runs the student's files in a child process (child.py) that holds only the inputs;
+the outputs come back as plain arrays and are compared here, against this package's own
+solutions on inputs drawn from a private seed. This module is not part of the student edition.
 """
-import importlib.util
-import inspect
+import ast
+import csv
+import io
 import json
 import os
-import textwrap
+import re
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
 import zlib
-from dataclasses import dataclass
-from unittest import mock
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from .. import layers, optim
-from ..cli import ArgumentParser, UserError
+from ..cli import ArgumentParser, UserError, run
 from ..checkpoints.safetensors_io import atomic_write_bytes
+from . import exercises, protocol, runner
+from .exercises import EXERCISES, FILES, POINTS, jobs_for, print_table, score_all
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HERE = os.path.dirname(os.path.abspath(__file__))
-REFERENCE = os.path.join(HERE, "reference.npz")
-TOL = 1e-7  # relative to each tensor's scale: float64 implementations agree far better than this
+PACKAGE = os.path.dirname(HERE)
+REPO = os.path.dirname(PACKAGE)
+SELFCHECK = "selfcheck.data"
+PUBLIC_SEED = 0  # the self-check's cases, shipped to students
+DEFAULT_TIMEOUT = 60.0  # seconds per exercise
+DEFAULT_BUDGET = 600.0  # seconds per submission
+# shipped with the student edition: what the self-check needs, and nothing with a solution in it
+SHIPPED = ("__main__.py", "protocol.py", "exercises.py", "child.py", "runner.py", "selfcheck.py")
 
 
-# --- the assignments ---------------------------------------------------------------------------------
+# --- the student edition -------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Assignment:
-    key: str
-    filename: str
-    title: str
-    preamble: str
-    objects: tuple  # (source module, name) in file order; names in `exercises` are stripped
-    exercises: tuple
-
-
-ASSIGNMENTS = (
-    Assignment(
-        "A1", "a1_layers.py", "Layers: linear, GELU and LayerNorm",
-        '''import math
-
-from minimixer.backend import get_xp
-from minimixer.erf import erf  # NumPy has no erf: minimixer's, exact in float64
-from minimixer.layers import GELU_FORMS, GELU_TANH_COEF, SQRT_2_OVER_PI, _sum_leading
-''',
-        ((layers, "linear_forward"), (layers, "linear_backward"), (layers, "gelu_forward"),
-         (layers, "gelu_backward"), (layers, "layernorm_forward"), (layers, "layernorm_backward")),
-        ("linear_forward", "linear_backward", "gelu_forward", "gelu_backward", "layernorm_forward",
-         "layernorm_backward")),
-    Assignment(
-        "A2", "a2_mixing.py", "Mixing: the MLP, token mixing, channel mixing and the Mixer block",
-        '''# The A1 layers and the regularizers, as minimixer implements them
-from minimixer.layers import (CHANNEL_MIXING_KEYS, TOKEN_MIXING_KEYS, drop_path_backward,  # noqa: F401
-                              drop_path_forward, gelu_backward, gelu_forward, layernorm_backward,
-                              layernorm_forward, linear_backward, linear_forward)
-''',
-        ((layers, "mlp_forward"), (layers, "mlp_backward"), (layers, "token_mixing_forward"),
-         (layers, "token_mixing_backward"), (layers, "channel_mixing_forward"), (layers, "channel_mixing_backward"),
-         (layers, "mixer_block_forward"), (layers, "mixer_block_backward")),
-        ("mlp_forward", "mlp_backward", "token_mixing_forward", "token_mixing_backward", "channel_mixing_forward",
-         "channel_mixing_backward", "mixer_block_forward", "mixer_block_backward")),
-    Assignment(
-        "A3", "a3_training.py", "Training: the loss and AdamW",
-        '''import math
-
-from minimixer.backend import get_xp
-from minimixer.optim import Optimizer  # the params dict, lr, weight-decay exemptions, state
-''',
-        ((layers, "softmax_cross_entropy"), (optim, "AdamW")),
-        ("softmax_cross_entropy", "AdamW")),
-)
-
-
-def strip_solutions(source, name):
+def strip_solutions(source, where="source"):
     """Replace every BEGIN/END SOLUTION region with `raise NotImplementedError`."""
-    out, inside = [], False
+    out, inside, name = [], False, where
     for line in source.splitlines():
         marker = line.strip()
+        m = re.match(r"\s*(?:def|class) (\w+)", line)
+        if m and not inside:
+            name = m.group(1) if not line.startswith((" ", "\t")) else f"{name.split('.')[0]}.{m.group(1)}"
         if marker == BEGIN:
+            if inside:
+                raise ValueError(f"{where}: nested {BEGIN} in {name}")
             inside = True
             indent = line[:len(line) - len(line.lstrip())]
             out.append(f'{indent}raise NotImplementedError("{name}: write your solution here")')
         elif marker == END:
+            if not inside:
+                raise ValueError(f"{where}: {END} without {BEGIN} in {name}")
             inside = False
         elif not inside:
             out.append(line)
     if inside:
-        raise ValueError(f"{name}: unterminated {BEGIN}")
-    return "\n".join(out)
+        raise ValueError(f"{where}: unterminated {BEGIN} in {name}")
+    return "\n".join(out) + "\n"
 
 
-def assignment_source(a, solutions):
-    header = textwrap.dedent(f'''\
-        """{a.key}: {a.title}.
+def guarded_init(source):
+    """The package's __init__ with its imports in a try: `python -m minimixer.coursework check`
+    then runs (and says what is wrong) while the student's layers.py does not import."""
+    tree = ast.parse(source)
+    doc = tree.body[0] if tree.body and isinstance(tree.body[0], ast.Expr) else None
+    lines = source.splitlines(keepends=True)
+    head = "".join(lines[:doc.end_lineno]) if doc else ""
+    rest = "".join(("    " + line) if line.strip() else line for line in lines[doc.end_lineno if doc else 0:])
+    text = head + f"""
+# Student edition: while your layers.py does not import, the self-check still runs
+try:
+{rest.strip(chr(10))}
+except Exception as _error:  # noqa: BLE001
+    def __getattr__(name, _error=_error):
+        raise AttributeError(f"minimixer.{{name}}: the package did not import ({{type(_error).__name__}}: {{_error}})")
+"""
+    ast.parse(text)
+    return text
 
-        Fill in every function that raises NotImplementedError. The docstrings give each
-        input, output and cache with its shapes (B batch, N tokens, D channels, DS/DC hidden
-        sizes, "..." any leading axes). Forward passes return (out, cache); backward passes
-        take (dout, cache) and return the gradients. The arrays may be NumPy or CuPy: use
-        xp = get_xp(x) for array functions.
 
-        Check your work: python -m minimixer.coursework grade <this folder>
-        """
-        ''')
-    parts = [header + a.preamble.rstrip()]
-    for module, name in a.objects:
-        src = inspect.getsource(getattr(module, name))
-        parts.append(src.rstrip() if solutions else strip_solutions(src, name))
-    return "\n\n\n".join(parts) + "\n"
+def _edition_files(with_selfcheck=True):
+    """{relative path: bytes} of the student edition."""
+    files = {}
+    for root, dirs, names in os.walk(PACKAGE):
+        dirs[:] = sorted(d for d in dirs if d != "__pycache__" and not d.startswith("."))
+        rel_root = os.path.relpath(root, os.path.dirname(PACKAGE))
+        if os.path.relpath(root, PACKAGE).split(os.sep)[0] == "coursework":
+            continue
+        for n in sorted(names):
+            if n.endswith((".pyc", ".pyo")) or n.startswith("."):
+                continue
+            with open(os.path.join(root, n), "rb") as f:
+                files[os.path.join(rel_root, n)] = f.read()
+    for module in ("layers", "optim"):
+        path = os.path.join(PACKAGE, f"{module}.py")
+        with open(path, encoding="utf-8") as f:
+            files[os.path.join("minimixer", f"{module}.py")] = strip_solutions(f.read(), f"{module}.py").encode()
+    with open(os.path.join(PACKAGE, "__init__.py"), encoding="utf-8") as f:
+        files[os.path.join("minimixer", "__init__.py")] = guarded_init(f.read()).encode()
+    with open(os.path.join(HERE, "student_fast.py"), "rb") as f:
+        files[os.path.join("minimixer", "fast.py")] = f.read()
+    cw = os.path.join("minimixer", "coursework")
+    for n in SHIPPED:
+        with open(os.path.join(HERE, n), "rb") as f:
+            files[os.path.join(cw, n)] = f.read()
+    files[os.path.join(cw, "__init__.py")] = (
+        b'"""Self-check for the MLP-Mixer coursework: python -m minimixer.coursework check"""\n'
+        b"from .selfcheck import main  # noqa: F401\n")
+    with open(os.path.join(HERE, "STUDENT.md"), "rb") as f:
+        student_readme = f.read()
+    files[os.path.join(cw, "README.md")] = student_readme
+    if with_selfcheck:
+        files[os.path.join(cw, SELFCHECK)] = protocol.encode({"seed": PUBLIC_SEED, "cases": make_cases(PUBLIC_SEED)})
+    return files, student_readme
 
 
-def release(out_dir, solutions=False):
-    os.makedirs(out_dir, exist_ok=True)
+def _extras():
+    """The walkthrough notebooks, the photo they open and the bundled digits model (the default of
+    eval and predict), when this is a source checkout."""
+    files = {}
+    digits = os.path.join(REPO, "weights", "mixer_digits.safetensors")
+    if os.path.exists(digits):
+        with open(digits, "rb") as f:
+            files[os.path.join("weights", "mixer_digits.safetensors")] = f.read()
+    nb = os.path.join(REPO, "notebooks")
+    if os.path.isdir(nb):
+        for n in sorted(os.listdir(nb)):
+            if n.endswith((".py", ".md")):
+                with open(os.path.join(nb, n), "rb") as f:
+                    files[os.path.join("notebooks", n)] = f.read()
+        photo = os.path.join(REPO, "tests", "images", "china.jpg")
+        if os.path.exists(photo):
+            with open(photo, "rb") as f:
+                files[os.path.join("tests", "images", "china.jpg")] = f.read()
+    return files
+
+
+PYPROJECT = b'''[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "minimixer"
+version = "0.1.0+student"
+description = "MLP-Mixer from scratch in NumPy: the student edition (the layers are yours to write)"
+requires-python = ">=3.10"
+dependencies = ["numpy>=1.24", "safetensors>=0.4", "pillow>=9.0", "tqdm>=4.60", "huggingface_hub>=0.23"]
+
+[tool.setuptools.packages.find]
+include = ["minimixer*"]
+
+[tool.setuptools.package-data]
+minimixer = ["assets/*", "coursework/*.data", "coursework/README.md"]
+'''
+
+
+def release(out_dir, force=False):
+    """Write the student edition into out_dir; a non-empty out_dir needs force=True."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        raise UserError(f"{out_dir} is not empty: it may hold a student's work. Choose an empty folder, "
+                        f"or pass --force to overwrite the files the release writes")
+    files, student_readme = _edition_files()
+    files.update(_extras())
+    files["pyproject.toml"] = PYPROJECT
+    files["README.md"] = student_readme
     written = []
-    for a in ASSIGNMENTS:
-        path = os.path.join(out_dir, a.filename)
-        atomic_write_bytes(path, assignment_source(a, solutions).encode())
+    for rel, data in sorted(files.items()):
+        path = os.path.join(out_dir, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write_bytes(path, data)
         written.append(path)
     return written
 
 
-# --- cases: deterministic inputs, and how to run one exercise ---------------------------------------
+_edition_lock = threading.Lock()
+_editions = {}
+
+
+def grading_edition():
+    """A private student edition for the child processes (made once per grader process)."""
+    with _edition_lock:
+        if "path" not in _editions:
+            root = tempfile.mkdtemp(prefix="minimixer-grading-")
+            files, _ = _edition_files(with_selfcheck=False)
+            for rel, data in files.items():
+                if rel.endswith(".py") or os.sep + "assets" + os.sep not in rel:
+                    path = os.path.join(root, rel)
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    with open(path, "wb") as f:
+                        f.write(data)
+            _editions["path"] = root
+            import atexit
+            atexit.register(shutil.rmtree, root, True)
+        return _editions["path"]
+
+
+# --- the cases: inputs from a seed, expected outputs from minimixer's own solutions ----------------
+
+SHAPES = [(2, 5, 4, 3, 8), (3, 7, 6, 4, 12), (1, 4, 9, 2, 5)]  # (B, N, D, DS, DC) per case
+SOLUTIONS = {e.name: getattr(optim if e.module == "optim" else layers, e.name) for e in EXERCISES}
+
 
 def _rng(seed, name, case):
     return np.random.default_rng([seed, zlib.crc32(name.encode()), case])
@@ -149,9 +231,6 @@ def _block_params(rng, N, D, DS, DC):
             "norm2.weight": 1 + 0.3 * r(D), "norm2.bias": 0.3 * r(D),
             "mlp_channels.fc1.weight": r((DC, D)), "mlp_channels.fc1.bias": r(DC),
             "mlp_channels.fc2.weight": 0.5 * r((D, DC)), "mlp_channels.fc2.bias": r(D)}
-
-
-SHAPES = [(2, 5, 4, 3, 8), (3, 7, 6, 4, 12), (1, 4, 9, 2, 5)]  # (B, N, D, DS, DC) per case
 
 
 def forward_args(name, rng, case):
@@ -176,228 +255,201 @@ def forward_args(name, rng, case):
     return (x, p, 1e-6, form)  # mixer block
 
 
-def _as_list(out):
-    if isinstance(out, dict):
-        return [out[k] for k in sorted(out)]
-    if isinstance(out, tuple):
-        return [v for item in out for v in _as_list(item)]
-    return [np.asarray(out, dtype=np.float64)]
+def _copy(tree):
+    return protocol.decode(protocol.encode(tree))
 
 
-def run_exercise(module, name, seed, case):
-    """The exercise's outputs (a list of arrays) on case `case`, with every other function
-    taken from minimixer so that each exercise is graded on its own."""
+def case_inputs(name, seed, case):
     rng = _rng(seed, name, case)
     if name == "softmax_cross_entropy":
         B, K = 4 + case, 3 + 2 * case
         logits = 3 * rng.standard_normal((B, K))
         labels = rng.integers(0, K, B) if case != 1 else rng.dirichlet(np.ones(K), B)
-        loss, dlogits = module.softmax_cross_entropy(logits, labels, label_smoothing=0.1 * case)
-        return [np.array(loss), dlogits]
+        return {"args": (logits, labels), "kwargs": {"label_smoothing": 0.1 * case}}
     if name == "AdamW":
         params = {"w": rng.standard_normal((3, 4)), "norm.weight": 1 + rng.standard_normal(4)}
-        opt = module.AdamW(params, lr=0.01 * (case + 1), betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
-                           no_decay=optim.bias_and_norm)
-        for _ in range(3):
-            opt.step({k: rng.standard_normal(v.shape) for k, v in params.items()})
-        return [params[k] for k in sorted(params)]
-    base = name.rsplit("_", 1)[0]
+        grads = [{k: rng.standard_normal(v.shape) for k, v in params.items()} for _ in range(3)]
+        return {"params": params, "grads": grads, "no_decay": [k for k in params if optim.bias_and_norm(k)],
+                "hyper": {"lr": 0.01 * (case + 1), "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}}
     args = forward_args(name, rng, case)
-    forward = getattr(layers, f"{base}_forward")
     if name.endswith("_forward"):
-        out, cache = getattr(module, name)(*args)
-        # the cache must hold what the docstring says: minimixer's backward runs on it
-        dout = rng.standard_normal(np.shape(out))
-        return _as_list(out) + _as_list(getattr(layers, f"{base}_backward")(dout, cache))
-    out, cache = forward(*args)  # minimixer's forward: a backward pass gets the documented cache
-    dout = rng.standard_normal(out.shape)
-    return _as_list(getattr(module, name)(dout, cache))
+        return {"args": args, "kwargs": {}}
+    out, cache = getattr(layers, name.replace("_backward", "_forward"))(*args)  # the documented cache
+    return {"args": (rng.standard_normal(out.shape), cache), "kwargs": {}}
 
 
-def make_reference(path=REFERENCE, seed=0):
-    """Reference outputs of every exercise, computed by minimixer itself."""
-    data = {"seed": np.array(seed)}
-    for a in ASSIGNMENTS:
-        for name in a.exercises:
-            src = optim if name == "AdamW" else layers
-            for case in range(len(SHAPES)):
-                for i, v in enumerate(run_exercise(src, name, seed, case)):
-                    data[f"{name}/{case}/{i}"] = v
-    with open(path + ".tmp", "wb") as f:
-        np.savez_compressed(f, **data)
-    os.replace(path + ".tmp", path)
-    return path
+def expected_result(name, inputs):
+    inputs = _copy(inputs)  # the solution must not see (or change) the arrays the child gets
+    if name == "AdamW":
+        params = inputs["params"]
+        no_decay = frozenset(inputs["no_decay"])
+        opt = optim.AdamW(params, no_decay=lambda k: k in no_decay, **inputs["hyper"])
+        for g in inputs["grads"]:
+            opt.step(g)
+        return params
+    return SOLUTIONS[name](*inputs["args"], **inputs["kwargs"])
 
 
-# --- the gradient checks ---------------------------------------------------------------------------
-
-def _relative(got, expected):
-    """max|got - expected| over a list of arrays, relative to the largest expected value. One
-    scale for all, because some gradients are zero in exact arithmetic (a token-mixing fc2
-    bias feeds only LayerNorms) and hold nothing but rounding noise."""
-    got = [np.asarray(g, dtype=np.float64) for g in got]
-    expected = [np.asarray(e, dtype=np.float64) for e in expected]
-    if len(got) != len(expected) or any(g.shape != e.shape for g, e in zip(got, expected)):
-        return np.inf
-    scale = max(max(np.abs(e).max(initial=0) for e in expected), 1e-12)
-    return float(max(np.abs(g - e).max(initial=0) for g, e in zip(got, expected)) / scale)
-
-
-def gradient_check(module, name, seed):
-    """Central differences of minimixer's forward against the student's backward (or the
-    student's loss gradient): the worst relative error over every input."""
-    rng = _rng(seed, name + "/gradcheck", 0)
-    h = 1e-6
-    if name == "softmax_cross_entropy":
-        logits, labels = 2 * rng.standard_normal((3, 4)), rng.integers(0, 4, 3)
-        _, dlogits = module.softmax_cross_entropy(logits, labels, label_smoothing=0.1)
-        numeric = np.zeros_like(logits)
-        for i in np.ndindex(logits.shape):
-            old = logits[i]
-            logits[i] = old + h
-            fp = module.softmax_cross_entropy(logits, labels, label_smoothing=0.1)[0]
-            logits[i] = old - h
-            fm = module.softmax_cross_entropy(logits, labels, label_smoothing=0.1)[0]
-            logits[i] = old
-            numeric[i] = (fp - fm) / (2 * h)
-        return _relative([dlogits], [numeric])
-    base = name.rsplit("_", 1)[0]
-    forward = getattr(layers, f"{base}_forward")
-    args = list(forward_args(name, rng, 1))
-    out, cache = forward(*args)
-    dout = rng.standard_normal(out.shape)
-    analytic = _as_list(getattr(module, name)(dout, cache))
-    arrays = [a for a in args if isinstance(a, np.ndarray)]
-    if isinstance(args[1], dict):  # the block: x, then its parameters in sorted-key order (as returned)
-        arrays = [args[0]] + [args[1][k] for k in sorted(args[1])]
-    numerics = []
-    for array in arrays:
-        numeric = np.zeros_like(array)
-        for i in np.ndindex(array.shape):
-            old = array[i]
-            array[i] = old + h
-            fp = float((forward(*args)[0] * dout).sum())
-            array[i] = old - h
-            fm = float((forward(*args)[0] * dout).sum())
-            array[i] = old
-            numeric[i] = (fp - fm) / (2 * h)
-        numerics.append(numeric)
-    return _relative(analytic, numerics)
-
-
-# --- grading -------------------------------------------------------------------------------------------
-
-POINTS = 10
-GRADCHECK_TOL = 1e-6  # central differences with h = 1e-6 in float64
-
-
-def load_student(path):
-    name = f"student_{os.path.splitext(os.path.basename(path))[0]}_{abs(hash(path))}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def grade_exercise(module, a, name, reference):
-    """(points, message) for one exercise."""
-    seed = int(reference["seed"])
-    others = [n for n in a.exercises if n != name and hasattr(module, n)]
-    patches = [mock.patch.object(module, n, getattr(optim if n == "AdamW" else layers, n)) for n in others]
-    try:
-        for p in patches:
-            p.start()
-        worst = 0.0
+def make_cases(seed):
+    """{exercise: [{"inputs": ..., "expected": ...} per case]}, computed by minimixer itself."""
+    cases = {}
+    for e in EXERCISES:
+        cases[e.name] = []
         for case in range(len(SHAPES)):
-            got = run_exercise(module, name, seed, case)
-            expected = [reference[f"{name}/{case}/{i}"] for i in range(sum(k.startswith(f"{name}/{case}/")
-                                                                            for k in reference.files))]
-            if len(got) != len(expected):
-                return 0, f"case {case}: returned {len(got)} arrays, expected {len(expected)}"
-            shapes = [(np.shape(g), np.shape(e)) for g, e in zip(got, expected) if np.shape(g) != np.shape(e)]
-            if shapes:
-                return 0, f"case {case}: an output has shape {shapes[0][0]}, expected {shapes[0][1]}"
-            err = _relative(got, expected)
-            if err > TOL:
-                return 0, f"case {case}: max rel error {err:.2e} (tolerance {TOL:.0e})"
-            worst = max(worst, err)
-        message = f"max rel error {worst:.1e}"
-        if name.endswith("_backward") or name == "softmax_cross_entropy":
-            err = gradient_check(module, name, seed)
-            if err > GRADCHECK_TOL:
-                return 0, f"gradient check: max rel error {err:.2e}"
-            message += f", gradient check {err:.1e}"
-        return POINTS, message
-    except NotImplementedError:
-        return 0, "not implemented"
-    except Exception as e:  # noqa: BLE001 - a student's bug is a score, not a crash
-        return 0, f"{type(e).__name__}: {e}".splitlines()[0][:120]
-    finally:
-        for p in patches:
-            p.stop()
+            inputs = case_inputs(e.name, seed, case)
+            cases[e.name].append({"inputs": inputs, "expected": _copy(expected_result(e.name, inputs))})
+    return cases
 
 
-def grade(folder, reference_path=REFERENCE):
-    reference = np.load(reference_path)
-    rows = []
-    for a in ASSIGNMENTS:
-        path = os.path.join(folder, a.filename)
-        module, problem = None, None
-        if not os.path.exists(path):
-            problem = f"missing {a.filename}"
+_cases_lock = threading.Lock()
+_cases = {}
+
+
+def cases_for(seed):
+    with _cases_lock:
+        if seed not in _cases:
+            _cases[seed] = make_cases(seed)
+        return _cases[seed]
+
+
+# --- grading -------------------------------------------------------------------------------------
+
+def find_files(folder):
+    """{module: path} of the files a submission hands in: layers.py and optim.py, at its top or
+    inside a minimixer/ folder (a whole student edition handed back)."""
+    found = {}
+    for module, fname in FILES.items():
+        for candidate in (os.path.join(folder, fname), os.path.join(folder, "minimixer", fname)):
+            if os.path.isfile(candidate):
+                found[module] = candidate
+                break
+    return found
+
+
+def grade(folder, seed, timeout=DEFAULT_TIMEOUT, budget=DEFAULT_BUDGET, sandbox=True, audit=True):
+    """Grade one submission folder on the cases of `seed`; the student's code runs in a child process."""
+    start = time.monotonic()
+    cases = cases_for(seed)
+    found = find_files(folder)
+    outcomes, info = {}, {"landlock": None}
+    missing = [e for e in EXERCISES if e.module not in found]
+    for e in missing:
+        outcomes[e.name] = {"status": "missing", "reason": f"{FILES[e.module]} was not handed in"}
+    if found:
+        with tempfile.TemporaryDirectory(prefix="minimixer-submission-") as overlay:
+            for module, path in found.items():  # only these files: nothing else from the folder is imported
+                shutil.copyfile(path, os.path.join(overlay, FILES[module]))
+            jobs = [j for j in jobs_for(cases) if j["module"] in found]
+            ran, info = runner.run_jobs(jobs, edition=grading_edition(), overlay=overlay,
+                                        files=[FILES[m] for m in found], timeout=timeout, budget=budget,
+                                        lent=SOLUTIONS, sandbox=sandbox, audit=audit)
+            outcomes.update(ran)
+    return score_all(outcomes, cases, seed, time.monotonic() - start, info["landlock"])
+
+
+def grade_batch(root, csv_path, seed, timeout=DEFAULT_TIMEOUT, budget=DEFAULT_BUDGET, jobs=None, feedback_dir=None,
+                log=None):
+    """Grade every subfolder of root (one per student), in parallel; write the CSV and a feedback
+    file per student. One bad submission never stops the batch."""
+    students = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    if not students:
+        raise UserError(f"{root} has no student folders")
+    feedback_dir = feedback_dir or os.path.splitext(csv_path)[0] + "_feedback"
+    os.makedirs(feedback_dir, exist_ok=True)
+    cases_for(seed)
+    grading_edition()
+
+    def one(student):
+        try:
+            result = grade(os.path.join(root, student), seed, timeout, budget)
+        except Exception as e:  # noqa: BLE001 - a grader failure on one student is reported, not fatal
+            result = {"exercises": [], "total": 0, "max": POINTS * len(EXERCISES), "status": "error",
+                      "error": f"{type(e).__name__}: {e}"}
+        text = io.StringIO()
+        print(f"student {student}: {result['total']}/{result['max']} ({result['status']})", file=text)
+        if result["exercises"]:
+            print_table(result, file=text)
         else:
-            try:
-                module = load_student(path)
-            except Exception as e:  # noqa: BLE001
-                problem = f"{a.filename} does not import: {type(e).__name__}: {e}".splitlines()[0][:160]
-        for name in a.exercises:
-            if module is None:
-                points, message = 0, problem
-            elif not hasattr(module, name):
-                points, message = 0, f"{name} not defined"
-            else:
-                points, message = grade_exercise(module, a, name, reference)
-            rows.append({"assignment": a.key, "exercise": name, "points": points, "max": POINTS, "message": message})
-    return {"exercises": rows, "total": sum(r["points"] for r in rows), "max": POINTS * len(rows),
-            "reference_seed": int(reference["seed"])}
+            print(result.get("error", ""), file=text)
+        atomic_write_bytes(os.path.join(feedback_dir, f"{student}.txt"), text.getvalue().encode())
+        atomic_write_bytes(os.path.join(feedback_dir, f"{student}.json"), json.dumps(result, indent=1).encode())
+        if log:
+            print(f"{student}: {result['total']}/{result['max']} {result['status']} "
+                  f"({result.get('seconds', 0):.1f} s)", file=log, flush=True)
+        return student, result
+
+    with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
+        results = dict(pool.map(one, students))
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["student"] + [e.name for e in EXERCISES] + ["total", "max", "status"])
+    for s in students:
+        r = results[s]
+        points = {row["exercise"]: row["points"] for row in r["exercises"]}
+        w.writerow([s] + [points.get(e.name, 0) for e in EXERCISES] + [r["total"], r["max"], r["status"]])
+    atomic_write_bytes(csv_path, out.getvalue().encode())
+    return results
 
 
-def print_table(result):
-    print(f"{'':4}{'exercise':26}{'score':>8}  notes")
-    for r in result["exercises"]:
-        print(f"{r['assignment']:4}{r['exercise']:26}{r['points']:>4}/{r['max']:<3}  {r['message']}")
-    print(f"{'':4}{'total':26}{result['total']:>4}/{result['max']}")
+# --- command line --------------------------------------------------------------------------------
+
+def _seed(args):
+    if args.seed is not None:
+        return args.seed
+    return secrets.randbits(31)  # a private seed: fresh hidden cases, written into the results
 
 
 def main(argv=None):
-    p = ArgumentParser(prog="python -m minimixer.coursework", description="MLP-Mixer coursework")
+    return run(_main, argv, prog="python -m minimixer.coursework")
+
+
+def _main(argv=None):
+    p = ArgumentParser(prog="python -m minimixer.coursework", description="MLP-Mixer coursework (instructors)")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("release", help="write the assignments (solutions stripped unless --solutions)")
+    r = sub.add_parser("release", help="write the student edition (the package without the solutions)")
     r.add_argument("--out", required=True, metavar="DIR")
-    r.add_argument("--solutions", action="store_true", help="write the answer key instead")
-    g = sub.add_parser("grade", help="grade a folder of assignment files")
-    g.add_argument("folder", nargs="?", default=".")
-    g.add_argument("--json", action="store_true", help="print the scores as JSON")
-    g.add_argument("--reference", default=REFERENCE, help="reference outputs (default: the bundled ones)")
-    m = sub.add_parser("make-reference", help="recompute the reference outputs, e.g. with a new seed")
-    m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--out", default=REFERENCE)
+    r.add_argument("--force", action="store_true", help="write into a non-empty folder, overwriting its files")
+    g = sub.add_parser("grade", help="grade a submission (layers.py, optim.py) or, with --batch, a class")
+    g.add_argument("folder", nargs="?", help="one submission folder")
+    g.add_argument("--batch", metavar="DIR", help="a folder of submission folders, one per student")
+    g.add_argument("--csv", metavar="FILE", help="with --batch: the gradebook to write (default DIR/../grades.csv)")
+    g.add_argument("--feedback", metavar="DIR", help="with --batch: where each student's feedback goes "
+                   "(default: next to the CSV, <csv name>_feedback/)")
+    g.add_argument("--seed", type=int, help="the hidden cases' seed (default: a fresh private one; "
+                   f"{PUBLIC_SEED} is the students' self-check)")
+    g.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per exercise (default %(default)g)")
+    g.add_argument("--submission-timeout", type=float, default=DEFAULT_BUDGET, metavar="SECONDS",
+                   help="seconds for all of a submission's exercises (default %(default)g)")
+    g.add_argument("--jobs", type=int, help="with --batch: submissions graded at once (default: the cores)")
+    g.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     if args.command == "release":
-        for path in release(args.out, args.solutions):
+        for path in release(args.out, args.force):
             print(path)
         return 0
-    if args.command == "make-reference":
-        print(make_reference(args.out, args.seed))
+    if not (args.timeout > 0 and args.submission_timeout > 0):
+        raise UserError("--timeout and --submission-timeout must be > 0")
+    seed = _seed(args)
+    if args.batch:
+        if args.folder:
+            raise UserError("give either a submission folder or --batch DIR, not both")
+        if not os.path.isdir(args.batch):
+            raise UserError(f"no such folder: {args.batch}")
+        csv_path = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.batch)), "grades.csv")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(csv_path))):
+            raise UserError(f"no folder for the CSV: {csv_path}")
+        start = time.monotonic()
+        results = grade_batch(args.batch, csv_path, seed, args.timeout, args.submission_timeout, args.jobs,
+                              args.feedback, log=sys.stderr)
+        print(f"graded {len(results)} submissions in {time.monotonic() - start:.1f} s (seed {seed}): {csv_path}")
         return 0
-    if not os.path.isdir(args.folder):
-        raise UserError(f"no such folder: {args.folder}")
-    if not os.path.exists(args.reference):
-        raise UserError(f"no reference outputs at {args.reference} (python -m minimixer.coursework make-reference)")
-    result = grade(args.folder, args.reference)
+    folder = args.folder or "."
+    if not os.path.isdir(folder):
+        raise UserError(f"no such folder: {folder}")
+    result = grade(folder, seed, args.timeout, args.submission_timeout)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print_table(result)
+        print(f"(seed {seed}, {result['seconds']:.1f} s, status {result['status']})")
     return 0
-

@@ -1,6 +1,5 @@
 import sys
 
 from . import main
-from ..cli import run
 
-sys.exit(run(main, prog="python -m minimixer.coursework"))
+sys.exit(main())

@@ -1,0 +1,35 @@
+"""The fast path, in the student edition: the clear path (model.py) running on your own layers.
+
+The full minimixer has a reorganized, multi-core version of the same Mixer here. The student
+edition leaves it out, because it contains the answers. `python -m minimixer.eval`, `predict`,
+`train` and `bench` call these functions, so once your layers pass the self-check
+(python -m minimixer.coursework check), they all run on your implementation.
+"""
+
+
+def num_threads():
+    return 1
+
+
+def parallel_map(fn, items):
+    """fn over items, in order (the full minimixer spreads them over the cores)."""
+    return [fn(i) for i in items]
+
+
+def predict(params, x, cfg):
+    """Logits for images x (B, C, H, W): model.predict on your layers."""
+    from .model import predict as clear_predict
+    return clear_predict(params, x, cfg)
+
+
+def forward(params, x, cfg, *, drop_path_rate=0.0, drop_rate=0.0, rng=None):
+    """Training forward: model.mixer_forward on your layers."""
+    from .model import mixer_forward
+    return mixer_forward(params, x, cfg, drop_path_rate=drop_path_rate, drop_rate=drop_rate, rng=rng)
+
+
+def backward(dlogits, cache, *, need_dx=False):
+    """Returns (grads, dx or None), as the full minimixer's fast.backward does."""
+    from .model import mixer_backward
+    dx, grads = mixer_backward(dlogits, cache)
+    return grads, (dx if need_dx else None)
