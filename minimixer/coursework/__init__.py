@@ -132,19 +132,19 @@ def _edition_files(with_selfcheck=True):
 
 
 def _extras():
-    """The walkthrough notebooks, the photo they open and the bundled digits model (the default of
-    eval and predict), when this is a source checkout."""
+    """The walkthrough notebooks, the weights and photo they open, when this is a source checkout.
+    (The bundled digits model, eval's and predict's default, is package data: it comes with the package.)"""
     files = {}
-    digits = os.path.join(REPO, "weights", "mixer_digits.safetensors")
-    if os.path.exists(digits):
-        with open(digits, "rb") as f:
-            files[os.path.join("weights", "mixer_digits.safetensors")] = f.read()
     nb = os.path.join(REPO, "notebooks")
     if os.path.isdir(nb):
         for n in sorted(os.listdir(nb)):
             if n.endswith((".py", ".md")):
                 with open(os.path.join(nb, n), "rb") as f:
                     files[os.path.join("notebooks", n)] = f.read()
+        assets = os.path.join(nb, "assets")  # the trained Fig. 5 models that notebook 05 loads
+        for n in sorted(os.listdir(assets)) if os.path.isdir(assets) else []:
+            with open(os.path.join(assets, n), "rb") as f:
+                files[os.path.join("notebooks", "assets", n)] = f.read()
         photo = os.path.join(REPO, "tests", "images", "china.jpg")
         if os.path.exists(photo):
             with open(photo, "rb") as f:
