@@ -99,7 +99,7 @@ def build_loader(args, cfg, dcfg, on_error):
     samples = samples[:args.limit]
     size = cfg.image_hw[0]
     transform = eval_transform(size, crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
-                               mean=dcfg.mean, std=dcfg.std)
+                               mean=dcfg.mean, std=dcfg.std, pipeline=dcfg.pipeline)
     loader = ImageLoader(samples, transform, args.batch_size, workers=args.workers, strict=args.strict,
                          on_error=on_error, mode="L" if cfg.in_chans == 1 else "RGB")
     return loader, len(samples)
@@ -130,7 +130,7 @@ def write_results(path, row):
 def main(argv=None):
     args = parse_args(argv)
     cfg = cli.config_from_args(args)
-    dcfg = data_config(args.model, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
+    dcfg = data_config(args.model, args.weights, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
                        interpolation=args.interpolation)
     xp_for(args.backend)  # a clear error now if the GPU is missing
     skipped = []
