@@ -60,18 +60,22 @@ def read_npz(path, *, load=True):
     only the headers: {key: (shape, dtype)}."""
     path = os.fspath(path)
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if load:
+        if load:
+            with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
-            return {k: _npy_header(npz.zip, k) for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, ValueError, KeyError) as e:
+        with zipfile.ZipFile(path) as zf:
+            return {n[:-len(".npy")]: _npy_header(zf, n) for n in zf.namelist() if n.endswith(".npy")}
+    except (zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError) as e:
+        if isinstance(e, OSError) and not os.path.isfile(path):
+            raise
         raise ValueError(f"{path}: not a readable .npz ({str(e)[:160]}): truncated, or not a JAX checkpoint") from None
 
 
-def _npy_header(zf, key):
-    with zf.open(key + ".npy") as f:
+def _npy_header(zf, name):
+    with zf.open(name) as f:
         version = np.lib.format.read_magic(f)
-        shape, _, dtype = np.lib.format._read_array_header(f, version)  # header only, no data
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(f)  # the header only, not the data
     return shape, dtype
 
 
