@@ -239,10 +239,26 @@ def read_for(path, cfg):
 def _check_variant(ck, cfg):
     try:
         file_cfg = infer_config(ck, img_size=cfg.img_size)
-    except ValueError:
+    except ValueError:  # not a whole Mixer, or a grid that cfg's image size does not make
+        held = _geometry(ck)
+        if held is not None and held != (cfg.num_blocks, cfg.embed_dim, cfg.patch_size, cfg.num_patches,
+                                         cfg.num_classes):
+            raise ValueError(f"{ck.path} holds a Mixer with {held[0]} blocks, width {held[1]}, patch {held[2]}, "
+                             f"{held[3]} patches, {held[4]} classes; the model asked for is {describe(cfg)}") from None
         return  # the strict shape check names what is wrong
     if param_shapes(file_cfg) != param_shapes(cfg):
-        raise ValueError(f"{ck.path} holds {describe(file_cfg)}, not the requested {describe(cfg)}")
+        raise ValueError(f"{ck.path} holds {describe(file_cfg)}; the model asked for is {describe(cfg)}")
+
+
+def _geometry(ck):
+    """(blocks, width, patch, patches, classes) from the shapes, or None."""
+    try:
+        p = ck.params
+        blocks = len({k.split(".")[1] for k in p if k.startswith("blocks.")})
+        return (blocks, p["stem.proj.weight"].shape[0], p["stem.proj.weight"].shape[2],
+                p["blocks.0.mlp_tokens.fc1.weight"].shape[1], p["head.weight"].shape[0])
+    except (KeyError, ValueError, IndexError, AttributeError):
+        return None
 
 
 def check_numerics(ck, cfg):
@@ -265,11 +281,10 @@ def config_for_file(path, cfg):
 
 def load_checkpoint(path, cfg=None, *, dtype="float32", backend="numpy"):
     """(params, cfg) from a file of any format. cfg=None: the config comes from the file's
-    shapes and metadata; a given cfg is checked to be the same variant and takes the file's
-    numerics (ln_eps, gelu) where it records them."""
+    shapes and metadata; a given cfg takes the file's numerics (ln_eps, gelu) where it records
+    them and its number of classes, and is checked to be the same variant."""
     from .safetensors_io import load_weights
-    ck = read_checkpoint(path, load=False)
-    cfg = infer_config(ck) if cfg is None else cfg.replace(**ck.recorded)
+    cfg = infer_config(read_checkpoint(path, load=False)) if cfg is None else config_for_file(path, cfg)
     return load_weights(path, cfg, dtype=dtype, backend=backend), cfg
 
 
