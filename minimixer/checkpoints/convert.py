@@ -73,7 +73,7 @@ def detect_format(path):
         try:
             with zipfile.ZipFile(path) as zf:
                 names = zf.namelist()
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
             raise ValueError(f"{path}: a damaged or truncated zip archive ({e})") from None
         if any(n.endswith("data.pkl") and n.count("/") == 1 for n in names):
             return "pth"

@@ -208,7 +208,7 @@ def _read_entry(path, zf, info):
         raise PthError(f"{path}: {info.filename} is compressed, which torch.save never does: not a torch checkpoint")
     try:
         return zf.read(info)
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
         raise PthError(f"{path}: cannot read {info.filename} ({e}): the file is truncated or damaged") from None
 
 
@@ -224,7 +224,7 @@ def read_pth(path, *, load=True):
         head = f.read(4)
         try:
             zf = zipfile.ZipFile(f)
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError, NotImplementedError) as e:
             if head[:3] == b"\x80\x02\x8a":  # torch < 1.6 wrote a pickled magic number, then pickles
                 raise PthError(f"{path}: a legacy (torch < 1.6) .pth, not a zip archive: load it in torch and "
                                "save it again with torch.save, or use the safetensors file") from None
