@@ -78,6 +78,8 @@ def test_converted_file_carries_its_numerics(tmp_path, capsys, src, ref_name, im
                            num_blocks=2, embed_dim=12 if img_size else 16,
                            mlp_ratio=(5 / 12, 20 / 12) if img_size else (0.5, 2.0))
     cfg = config_for_file(str(out), plain)
+    assert registry.data_config("mixer_s16_224", str(out)).pipeline == ("mmpretrain" if source == "mmpretrain"
+                                                                          else "timm")
     params = mm.load_weights(out, cfg, dtype="float64")
     assert_all_close([("logits", mm.predict(params, x, cfg), ref)], 1e-12)
     # and load_weights warns when the config runs other numerics than the file records

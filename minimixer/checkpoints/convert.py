@@ -157,7 +157,7 @@ def _read_safetensors(path, load):
         raise ValueError(f"{path}: not a readable safetensors file (bad header)") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{path}: safetensors metadata is not a mapping")
-    return shapes, meta
+    return shapes, {k: v for k, v in meta.items() if isinstance(v, str)}  # the format allows only strings
 
 
 def _safetensors_metadata(path):

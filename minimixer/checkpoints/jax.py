@@ -28,6 +28,7 @@ _TOP = {"stem/kernel": "stem.proj.weight", "stem/bias": "stem.proj.bias",
         "pre_head_layer_norm/scale": "norm.weight", "pre_head_layer_norm/bias": "norm.bias",
         "head/kernel": "head.weight", "head/bias": "head.bias"}
 _PREFIXES = ("params/", "opt/target/")  # some trees are saved one level down
+_NDIM = {"hwio": 4, "dense": 2}
 
 
 def timm_name(key):
@@ -48,6 +49,8 @@ def timm_name(key):
 
 
 def to_torch_layout(array, layout):
+    if layout in _NDIM and array.ndim != _NDIM[layout]:
+        raise ValueError(f"a {'convolution' if layout == 'hwio' else 'Dense'} kernel of shape {array.shape}")
     if layout == "hwio":  # (P, P, C, D) -> (D, C, P, P)
         return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
     if layout == "dense":  # (in, out) -> (out, in)
@@ -92,7 +95,10 @@ def to_timm(arrays, source):
         if name is None:
             unknown.append(key)
         else:
-            out[name] = to_torch_layout(value, layout) if isinstance(value, np.ndarray) else value
+            try:
+                out[name] = to_torch_layout(value, layout) if isinstance(value, np.ndarray) else value
+            except ValueError as e:
+                raise ValueError(f"{source}: {key}: {e}") from None
     if unknown:
         raise ValueError(f"{source}: not a JAX MLP-Mixer checkpoint: {len(unknown)} unknown key(s), "
                          f"e.g. {', '.join(unknown[:3])}")
@@ -100,7 +106,9 @@ def to_timm(arrays, source):
 
 
 def torch_shape(shape, layout):
-    """The shape an array of Flax shape `shape` takes in PyTorch's layout."""
+    """The shape an array of Flax shape `shape` takes in PyTorch's layout (as is if it cannot)."""
+    if layout in _NDIM and len(shape) != _NDIM[layout]:
+        return tuple(shape)
     if layout == "hwio":
         return (shape[3], shape[2], shape[0], shape[1])
     if layout == "dense":
