@@ -1,5 +1,6 @@
 """Shared command-line plumbing: one-line errors with exit status 2, and model/config flags."""
 import argparse
+import os
 import sys
 
 from .backend import BackendError
@@ -49,7 +50,6 @@ OVERRIDES = ("num_classes", "img_size", "in_chans", "patch_size", "num_blocks", 
 def config_from_args(args, **defaults):
     """The config of --model (a preset or a pretrained tag), then what a --weights FILE records
     (ln_eps, gelu, classes), then the override flags that were given, and `defaults` for the rest."""
-    import os
     from .checkpoints.convert import config_for_file
     from .checkpoints.registry import resolve
     overrides = dict(defaults)
