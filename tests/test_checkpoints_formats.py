@@ -8,6 +8,8 @@ import json
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
@@ -24,6 +26,7 @@ from minimixer.weights import main as weights_main
 from helpers import assert_all_close, rel_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MM_PTH = os.path.join(FIXTURES, "mmpretrain_tiny.pth")
 JAX_NPZ = os.path.join(FIXTURES, "jax_tiny.npz")
 
@@ -105,21 +108,20 @@ def test_predict_cli_applies_converted_metadata(tmp_path, capsys):
     without, it says which extra to install."""
     out = tmp_path / "m.safetensors"
     assert weights_main(["convert", MM_PTH, "--out", str(out)]) == 0
-    capsys.readouterr()
-    from minimixer.predict import main
-    from minimixer import cli
-    args = ["tests/images/china.jpg", "--model", "mixer_s16_224", "--weights", str(out), "--img-size", "32",
-            "--patch-size", "8", "--num-blocks", "2", "--embed-dim", "16", "--mlp-ratio", "0.5", "2", "--json"]
-    code = cli.run(main, args, prog="predict")
-    captured = capsys.readouterr()
+    # a subprocess: importing minimixer.predict in this process would shadow mm.predict
+    image = os.path.join(os.path.dirname(__file__), "images", "china.jpg")
+    args = [sys.executable, "-m", "minimixer.predict", image, "--model", "mixer_s16_224", "--weights", str(out),
+            "--img-size", "32", "--patch-size", "8", "--num-blocks", "2", "--embed-dim", "16",
+            "--mlp-ratio", "0.5", "2", "--json"]
+    run = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT})
     try:
         import cv2  # noqa: F401
     except ImportError:
-        assert code == 2 and "pip install 'minimixer[opencv]'" in captured.err
-        assert len(captured.err.strip().splitlines()) == 1
+        assert run.returncode == 2 and "pip install 'minimixer[opencv]'" in run.stderr
+        assert len(run.stderr.strip().splitlines()) == 1
     else:
-        assert code == 0, captured.err
-        assert len(json.loads(captured.out)[0]["topk"]) == 5
+        assert run.returncode == 0, run.stderr
+        assert len(json.loads(run.stdout)[0]["topk"]) == 5
 
 
 def test_wrong_variant_is_one_line(tmp_path):
