@@ -117,12 +117,12 @@ def read_checkpoint(path, *, load=True):
             source, params = "timm", dict(state)
         else:
             raise ValueError(f"{path}: a .pth, but not an MLP-Mixer from MMPretrain or timm "
-                             f"(keys like {', '.join(map(str, list(state)[:3]))})")
+                             f"(keys like {', '.join(map(repr, list(state)[:3]))})")
     else:
         arrays = jax_format.read_npz(path, load=load)
         if not jax_format.is_jax(arrays):
             raise ValueError(f"{path}: a .npz, but not a JAX MLP-Mixer checkpoint (no stem/kernel; "
-                             f"keys like {', '.join(list(arrays)[:3])})")
+                             f"keys like {', '.join(map(repr, list(arrays)[:3]))})")
         if not load:
             arrays = {k: _Shape(jax_format.torch_shape(shape, jax_format.timm_name(k)[1]))
                       for k, (shape, _) in arrays.items()}

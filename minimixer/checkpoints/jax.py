@@ -101,7 +101,7 @@ def to_timm(arrays, source):
                 raise ValueError(f"{source}: {key}: {e}") from None
     if unknown:
         raise ValueError(f"{source}: not a JAX MLP-Mixer checkpoint: {len(unknown)} unknown key(s), "
-                         f"e.g. {', '.join(unknown[:3])}")
+                         f"e.g. {', '.join(map(repr, unknown[:3]))}")
     return out
 
 

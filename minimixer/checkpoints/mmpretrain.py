@@ -66,7 +66,7 @@ def to_timm(state_dict, source):
             out[name] = value
     if unknown:
         raise ValueError(f"{source}: not an MMPretrain MLP-Mixer checkpoint: {len(unknown)} unknown key(s), "
-                         f"e.g. {', '.join(unknown[:3])}")
+                         f"e.g. {', '.join(map(repr, unknown[:3]))}")
     return out
 
 

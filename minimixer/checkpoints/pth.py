@@ -10,8 +10,10 @@ even one of torch's, is ever called. Anything else is refused before it could ru
     read_pth(path) -> the saved object, with NumPy arrays in place of tensors
 """
 import io
+import math
 import os
 import pickle
+import pickletools
 import zipfile
 from collections import OrderedDict
 
@@ -96,6 +98,8 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward
     if not (_is_int(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
             and len(size) == len(stride) and all(_is_int(v) and v >= 0 for v in size + stride)):
         raise pickle.UnpicklingError(f"a tensor with offset {offset!r}, size {size!r}, stride {stride!r}")
+    if math.prod(size) > storage.numel:  # a broadcast view (stride 0): checkpoints never hold one
+        raise pickle.UnpicklingError(f"a tensor of size {size} has more elements than its storage's {storage.numel}")
     if 0 not in size:
         last = offset + sum((n - 1) * s for n, s in zip(size, stride))
         if last >= storage.numel:
@@ -242,6 +246,7 @@ def read_pth(path, *, load=True):
             archive = _Archive(path, zf, prefix, byteorder)
             data = _read_entry(path, zf, zf.getinfo(pickles[0]))
             try:
+                _scan(data)
                 obj = _Unpickler(data, archive).load()
             except PthError:
                 raise
@@ -249,6 +254,20 @@ def read_pth(path, *, load=True):
                 raise PthError(f"{path}: malformed pickle in {pickles[0]} "
                                f"({type(e).__name__}: {str(e)[:120]})") from None
             return _materialize(obj, path) if load else obj
+
+
+# protocol-5 out-of-band buffers: torch.save never writes them, and they only widen what a file can do
+_REFUSED_OPCODES = {"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"}
+
+
+def _scan(data):
+    """Walk the opcodes first (pickletools parses without building anything): a length that
+    runs past the end is an error here, before the unpickler would allocate it."""
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _REFUSED_OPCODES:
+            raise pickle.UnpicklingError(f"opcode {op.name}")
+        if op.name in ("BINPUT", "LONG_BINPUT", "PUT") and not 0 <= int(arg) < len(data):
+            raise pickle.UnpicklingError(f"memo index {arg}")  # the memo would grow to it
 
 
 def _materialize(obj, path, depth=0):
