@@ -108,6 +108,24 @@ def test_pixels_equal_mmpretrain_test_pipeline(photos):
     assert worst <= 1e-6
 
 
+def test_image_loader_uses_the_opencv_pipeline(photos):
+    """What eval feeds the model: ImageLoader with the MMPretrain tag's transform decodes with
+    OpenCV (its transform.decode), so its batches are MMPretrain's pixels too."""
+    from minimixer.data import ImageLoader
+    d = data_config("mixer_b16_224.mmpretrain")
+    transform = eval_transform(224, crop_pct=d.crop_pct, interpolation=d.interpolation, mean=d.mean, std=d.std,
+                               pipeline=d.pipeline)
+    loader = ImageLoader([(p, 0) for p in photos], transform, batch_size=len(photos), workers=2, strict=True)
+    (x, _), = list(loader)
+    ref = np.concatenate([mmpretrain_pixels(p) for p in photos])
+    print(f"loader vs MMPretrain: max|Δ| {np.abs(x - ref).max():.3e}")
+    assert np.abs(x - ref).max() <= 1e-6
+    # and the check can fail: timm's Pillow pipeline gives other pixels for the same photos
+    pil = eval_transform(224)
+    from minimixer.data import open_image
+    assert np.abs(pil(open_image(photos[0])) - ref[0]).max() > 1e-2
+
+
 def test_inverse_of_mmpretrains_own_converter():
     """mmpretrain's tools/model_converters/mlpmixer_to_mmpretrain.py renames timm's keys;
     timm_name must undo it for every key of L/16."""
