@@ -3,6 +3,7 @@
     import minimixer as mm
     cfg = mm.get_config("mixer_b16_224")
     params = mm.load_weights("model.safetensors", cfg)        # timm's file, timm's names
+    params, cfg = mm.load_checkpoint("Mixer-B_16.npz")        # any format; cfg from the file
     logits = mm.predict(params, images, cfg)                   # images (B, 3, 224, 224); fast path
     logits, cache = mm.mixer_forward(params, images, cfg)
     dx, grads = mm.mixer_backward(dlogits, cache)             # grads keyed like params
@@ -14,13 +15,14 @@ from .fast import predict  # the fast inference path; model.predict is the clear
 from .model import mixer_backward, mixer_forward
 from .params import init_params
 from .checkpoints.safetensors_io import load_weights, save_weights
+from .checkpoints.convert import load_checkpoint
 from . import optim
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendError", "MixerConfig", "PRESETS",
-    "cupy_available", "get_config", "get_xp", "init_params", "load_weights",
+    "cupy_available", "get_config", "get_xp", "init_params", "load_checkpoint", "load_weights",
     "mixer_backward", "mixer_forward", "param_count", "param_shapes", "predict",
     "save_weights", "softmax_cross_entropy", "to_backend", "to_numpy",
 ]

@@ -1,5 +1,6 @@
 """Shared command-line plumbing: one-line errors with exit status 2, and model/config flags."""
 import argparse
+import os
 import sys
 
 from .backend import BackendError
@@ -61,11 +62,16 @@ OVERRIDES = ("num_classes", "img_size", "in_chans", "patch_size", "num_blocks", 
 
 
 def config_from_args(args, **defaults):
-    """The config of --model (a preset or a pretrained tag) with the override flags that were
-    given, and `defaults` for the rest."""
+    """The config of --model (a preset or a pretrained tag), then what a --weights FILE records
+    (ln_eps, gelu, classes), then the override flags that were given, and `defaults` for the rest."""
+    from .checkpoints.convert import config_for_file
     from .checkpoints.registry import resolve
     overrides = dict(defaults)
     overrides.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
     if overrides.get("mlp_ratio") is not None:
         overrides["mlp_ratio"] = tuple(overrides["mlp_ratio"])
-    return resolve(args.model)[0].replace(**overrides)
+    cfg = resolve(args.model)[0]
+    weights = getattr(args, "weights", None)
+    if isinstance(weights, str) and os.path.isfile(weights):
+        cfg = config_for_file(weights, cfg)
+    return cfg.replace(**overrides)

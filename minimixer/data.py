@@ -208,7 +208,8 @@ class ImageLoader:
         path, label = self.samples[i]
         try:
             rng = np.random.default_rng([self.seed, epoch, i])
-            return self.transform(open_image(path, self.mode), rng), label
+            decode = getattr(self.transform, "decode", open_image)  # another library's decoder (OpenCV)
+            return self.transform(decode(path, self.mode), rng), label
         except Exception as e:  # noqa: BLE001 - any decoding failure is reported by file name
             if self.strict:
                 raise ValueError(f"cannot read image {path}: {e}") from None
@@ -269,9 +270,15 @@ def center_crop(img, size):
     return img.crop((left, top, left + size, top + size))
 
 
-def eval_transform(img_size, *, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3):
+def eval_transform(img_size, *, crop_pct=0.875, interpolation="bicubic", mean=(0.5,) * 3, std=(0.5,) * 3,
+                   pipeline="timm"):
     """timm's eval transform (transforms_imagenet_eval, crop_mode 'center'):
-    resize the shorter side to floor(img_size / crop_pct), center-crop img_size, normalize."""
+    resize the shorter side to floor(img_size / crop_pct), center-crop img_size, normalize.
+    pipeline 'mmpretrain': the same steps as MMPretrain does them, with OpenCV; that
+    transform reads images with its own transform.decode(path, mode)."""
+    if pipeline == "mmpretrain":
+        from .checkpoints.mmpretrain import opencv_eval_transform
+        return opencv_eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
     scale = math.floor(img_size / crop_pct)
 
     def transform(img, rng=None):

@@ -110,7 +110,7 @@ def build_loader(args, cfg, dcfg, on_error, on_skip=None):
     samples = samples[:args.limit]
     size = cfg.image_hw[0]
     transform = eval_transform(size, crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
-                               mean=dcfg.mean, std=dcfg.std)
+                               mean=dcfg.mean, std=dcfg.std, pipeline=dcfg.pipeline)
     loader = ImageLoader(samples, transform, args.batch_size, workers=args.workers, strict=args.strict,
                          on_error=on_error, mode="L" if cfg.in_chans == 1 else "RGB")
     return loader, len(samples)
@@ -162,7 +162,7 @@ def main(argv=None):
     if args.results_file:
         check_writable(args.results_file)  # now, not after the whole evaluation
     cfg = cli.config_from_args(args)
-    dcfg = data_config(args.model, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
+    dcfg = data_config(args.model, args.weights, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
                        interpolation=args.interpolation)
     xp_for(args.backend)  # a clear error now if the GPU is missing
     strict_pixel_limit()

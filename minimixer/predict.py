@@ -66,7 +66,7 @@ def print_text(r):
 def main(argv=None):
     args = parse_args(argv)
     cfg = cli.config_from_args(args)
-    dcfg = data_config(args.model)
+    dcfg = data_config(args.model, args.weights)
     xp_for(args.backend)
     strict_pixel_limit()
     try:
@@ -76,7 +76,8 @@ def main(argv=None):
     params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite)
     names = class_names(args.model, cfg.num_classes)
     transform = eval_transform(cfg.image_hw[0], crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
-                               mean=dcfg.mean, std=dcfg.std)
+                               mean=dcfg.mean, std=dcfg.std, pipeline=dcfg.pipeline)
+    decode = getattr(transform, "decode", open_image)  # OpenCV for the MMPretrain pipeline
     mode = "L" if cfg.in_chans == 1 else "RGB"
     k = min(args.topk, cfg.num_classes)
 
@@ -86,7 +87,7 @@ def main(argv=None):
             files, arrays = [], []
             for path in args.images[start:start + args.batch_size]:
                 try:
-                    arrays.append(transform(open_image(path, mode)))
+                    arrays.append(transform(decode(path, mode)))
                     files.append(path)
                 except Exception as e:  # noqa: BLE001 - report the file, go on with the others
                     failed += 1

@@ -1,16 +1,23 @@
 """Pretrained checkpoints: which weights, which preprocessing, which class names.
 
 This is the one place that says how each model's inputs are prepared (mean, std,
-crop_pct, interpolation) and where its weights come from. The values are timm's
-pretrained_cfg for the same tags (timm/models/mlp_mixer.py default_cfgs).
+crop_pct, interpolation, and whose pipeline) and where its weights come from. The timm
+tags' values are timm's pretrained_cfg (timm/models/mlp_mixer.py default_cfgs); the
+MMPretrain and JAX tags load the original files (checkpoints/mmpretrain.py, jax.py).
 The command that uses it is `python -m minimixer.weights` (minimixer/weights.py).
 """
+import hashlib
 import os
+import re
+import shutil
 import sys
+import urllib.request
 from dataclasses import dataclass, replace
 from importlib import resources
 
 from ..config import PRESETS, get_config
+from .convert import SOURCES
+from .safetensors_io import atomic_target
 
 HF_FILENAME = "model.safetensors"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,6 +33,7 @@ class DataConfig:
     std: tuple = (0.5, 0.5, 0.5)
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    pipeline: str = "timm"  # 'timm' (Pillow) or 'mmpretrain' (OpenCV decoding and resizing)
 
 
 @dataclass(frozen=True)
@@ -36,9 +44,23 @@ class Pretrained:
     data: DataConfig
     repo_id: str | None  # Hugging Face hub repository, None for bundled weights
     labels: str  # 'imagenet1k', 'digits' or 'index'
+    source: str = "timm"  # whose model and numerics (convert.SOURCES)
+    url: str | None = None  # the original file, for sources outside the hub
+
+    @property
+    def numerics(self):
+        return {k: SOURCES[self.source][k] for k in ("ln_eps", "gelu")}
 
 
 GOOGLE = DataConfig()
+MIIL = DataConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
+# configs/_base_/datasets/imagenet_bs64_mixer_224.py: cv2 decode, ResizeEdge 256 short bicubic,
+# CenterCrop 224, mean = std = 127.5
+MMPRETRAIN = DataConfig(pipeline="mmpretrain")
+DIGITS = DataConfig(mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="box")
+PREPROCESSING = {"google": GOOGLE, "miil": MIIL, "mmpretrain": MMPRETRAIN, "digits": DIGITS}
+MMPRETRAIN_URL = "https://download.openmmlab.com/mmclassification/v0/mlp-mixer/"
+JAX_URL = "https://storage.googleapis.com/mixer_models/"
 CHECKPOINTS = {p.tag: p for p in [
     Pretrained("mixer_b16_224.goog_in21k_ft_in1k", "mixer_b16_224", 1000, GOOGLE,
                "timm/mixer_b16_224.goog_in21k_ft_in1k", "imagenet1k"),
@@ -46,13 +68,25 @@ CHECKPOINTS = {p.tag: p for p in [
                "timm/mixer_l16_224.goog_in21k_ft_in1k", "imagenet1k"),
     Pretrained("mixer_b16_224.goog_in21k", "mixer_b16_224", 21843, GOOGLE, "timm/mixer_b16_224.goog_in21k", "index"),
     Pretrained("mixer_l16_224.goog_in21k", "mixer_l16_224", 21843, GOOGLE, "timm/mixer_l16_224.goog_in21k", "index"),
-    Pretrained("mixer_b16_224.miil_in21k_ft_in1k", "mixer_b16_224", 1000,
-               DataConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear"),
+    Pretrained("mixer_b16_224.miil_in21k_ft_in1k", "mixer_b16_224", 1000, MIIL,
                "timm/mixer_b16_224.miil_in21k_ft_in1k", "imagenet1k"),
+    # MMPretrain's conversions of timm's weights (its model zoo's table): LayerNorm eps 1e-5
+    Pretrained("mixer_b16_224.mmpretrain", "mixer_b16_224", 1000, MMPRETRAIN, None, "imagenet1k", "mmpretrain",
+               MMPRETRAIN_URL + "mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth"),
+    Pretrained("mixer_l16_224.mmpretrain", "mixer_l16_224", 1000, MMPRETRAIN, None, "imagenet1k", "mmpretrain",
+               MMPRETRAIN_URL + "mixer-large-p16_3rdparty_64xb64_in1k_20211124-5a2519d2.pth"),
+    # Google's original files, run as the Flax model ran them (tanh GELU); timm's preprocessing
+    Pretrained("mixer_b16_224.jax_in21k_ft_in1k", "mixer_b16_224", 1000, GOOGLE, None, "imagenet1k", "jax",
+               JAX_URL + "imagenet21k_imagenet2012/Mixer-B_16.npz"),
+    Pretrained("mixer_l16_224.jax_in21k_ft_in1k", "mixer_l16_224", 1000, GOOGLE, None, "imagenet1k", "jax",
+               JAX_URL + "imagenet21k_imagenet2012/Mixer-L_16.npz"),
+    Pretrained("mixer_b16_224.jax_in21k", "mixer_b16_224", 21843, GOOGLE, None, "index", "jax",
+               JAX_URL + "imagenet21k/Mixer-B_16.npz"),
+    Pretrained("mixer_l16_224.jax_in21k", "mixer_l16_224", 21843, GOOGLE, None, "index", "jax",
+               JAX_URL + "imagenet21k/Mixer-L_16.npz"),
     # the bundled 8x8 digits model: one channel, no crop; 'box' averages pixels like the
     # digits' own 4x4-block counting
-    Pretrained("mixer_digits", "mixer_digits", 10,
-               DataConfig(mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="box"), None, "digits"),
+    Pretrained("mixer_digits", "mixer_digits", 10, DIGITS, None, "digits"),
 ]}
 DEFAULT_TAG = {"mixer_b16_224": "mixer_b16_224.goog_in21k_ft_in1k",
                "mixer_l16_224": "mixer_l16_224.goog_in21k_ft_in1k"}
@@ -63,16 +97,20 @@ def resolve(name):
     tag = DEFAULT_TAG.get(name, name)
     if tag in CHECKPOINTS:
         ck = CHECKPOINTS[tag]
-        return get_config(ck.model, num_classes=ck.num_classes), ck.data, ck
+        return get_config(ck.model, num_classes=ck.num_classes, **ck.numerics), ck.data, ck
     if name in PRESETS:
         return get_config(name), GOOGLE, None  # no pretrained weights: Google's preprocessing
     known = sorted(set(PRESETS) | set(CHECKPOINTS))
     raise ValueError(f"unknown model {name!r}; known: {', '.join(known)}")
 
 
-def data_config(name, **overrides):
-    """The DataConfig for a model name, with any field overridden (None values are ignored)."""
+def data_config(name, weights=None, **overrides):
+    """The DataConfig for a model name, with any field overridden (None values are ignored).
+    A weights file whose metadata names its preprocessing (a converted one) brings its own."""
     _, data, _ = resolve(name)
+    if weights not in (None, "auto") and os.path.isfile(weights):
+        from .convert import read_checkpoint
+        data = PREPROCESSING.get(read_checkpoint(weights, load=False).preprocessing, data)
     return replace(data, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
 
 
@@ -118,6 +156,8 @@ def download(name, *, cache_dir=None):
     checksums) and return the local path. Raises WeightsNotFound with manual instructions
     (commands that take --weights add that choice; see find_weights)."""
     _, _, ck = resolve(name)
+    if ck is not None and ck.url:
+        return download_url(ck, cache_dir=cache_dir)
     if ck is None or ck.repo_id is None:
         raise WeightsNotFound(f"no pretrained weights are published for {name}")
     try:
@@ -133,6 +173,38 @@ def download(name, *, cache_dir=None):
             f"could not download {ck.repo_id}/{HF_FILENAME} ({reason}). Offline? Fetch "
             f"{endpoint}/{ck.repo_id}/resolve/main/{HF_FILENAME} by hand and save it as "
             f"weights/{local_name(name)}") from None
+
+
+def download_url(ck, *, cache_dir=None):
+    """Fetch a tag's original file (MMPretrain .pth, JAX .npz) into the cache folder, once;
+    MMPretrain's names end in the first 8 hex digits of the file's SHA-256, which are checked."""
+    folder = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minimixer")
+    path = os.path.join(folder, ck.tag + os.path.splitext(ck.url)[1])  # by tag: two JAX files share a name
+    if os.path.isfile(path):
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        print(f"fetching {ck.url} (cached in {folder})", file=sys.stderr)
+        with urllib.request.urlopen(ck.url, timeout=60) as response, atomic_target(path) as tmp:
+            with open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f, 1 << 20)
+            expected = re.search(r"-([0-9a-f]{8})\.pth$", ck.url)
+            if expected and _sha256(tmp)[:8] != expected.group(1):
+                raise ValueError(f"SHA-256 does not start with {expected.group(1)}: a damaged download")
+    except Exception as e:  # noqa: BLE001 - offline, HTTP errors, bad checksum: all end the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise WeightsNotFound(
+            f"could not download {ck.url} ({reason}). Offline? Fetch it by hand, then run "
+            f"python -m minimixer.weights convert FILE --out weights/{ck.tag}.safetensors") from None
+    return path
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def find_weights(name, weights="auto", *, cache_dir=None):

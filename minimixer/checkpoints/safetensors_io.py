@@ -122,9 +122,11 @@ def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite
     """Load a timm Mixer checkpoint into a flat dict keyed by timm's names, checked against cfg.
 
     A tensor with NaN or Inf (also one that overflows `dtype`, e.g. 1e5 in float16) is an
-    error unless allow_nonfinite is set."""
+    error unless allow_nonfinite is set. MMPretrain .pth and JAX .npz files load too
+    (checkpoints/convert.py maps their keys)."""
+    from .convert import read_for  # lazy: convert.py imports this module
     dtype = float_dtype(dtype)
-    tensors = read_safetensors(path)
+    tensors = read_for(path, cfg)
     expected = param_shapes(cfg)
     check_state_dict({k: v.shape for k, v in tensors.items()}, expected, os.fspath(path))
     # astype copies, so every array is writable and owns its memory (not the file buffer)
