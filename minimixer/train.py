@@ -11,7 +11,7 @@ from dataclasses import asdict, fields
 
 import numpy as np
 
-from . import cli
+from . import cli, distributed
 from .backend import to_backend, xp_for
 from .config import param_shapes
 from .data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, train_transform
@@ -109,6 +109,8 @@ def init_from(path, cfg, dtype, seed):
 def main(argv=None):
     args = parse_args(argv)
     xp_for(args.backend)  # fail early and clearly without a GPU
+    if not distributed.is_root():  # under mpiexec, rank 0 alone reports
+        sys.stdout, args.no_progress = open(os.devnull, "w"), True
     out = args.out or os.path.join("runs", args.model)
     resume = None
     if args.resume:

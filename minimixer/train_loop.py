@@ -19,11 +19,11 @@ import numpy as np
 import safetensors.numpy
 from safetensors import safe_open
 
-from .backend import to_backend, to_numpy
+from .backend import get_xp, to_backend, to_numpy
 from .config import MixerConfig
 from .layers import softmax_cross_entropy
 from .metrics import count_correct
-from . import fast
+from . import distributed, fast
 from .optim import SGD, AdamW, bias_and_norm, clip_grad_norm, lr_at
 from .checkpoints.safetensors_io import atomic_write_bytes, read_safetensors, save_weights
 
@@ -63,9 +63,16 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
 
     It runs fast.forward/fast.backward, which compute what model.mixer_forward/mixer_backward
     compute (tests/test_fast.py), with the same dropout and stochastic-depth masks for an rng."""
-    logits, cache = fast.forward(params, x, cfg, drop_path_rate=drop_path, drop_rate=dropout, rng=rng)
-    loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)
-    grads, _ = fast.backward(dlogits, cache)
+    total = len(y)
+    rows, rng = distributed.batch_share(total, rng)  # this rank's rows (all on one process); masks of the whole batch
+    x, y = x[rows], y[rows]
+    if len(y):
+        logits, cache = fast.forward(params, x, cfg, drop_path_rate=drop_path, drop_rate=dropout, rng=rng)
+        loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)
+        grads, _ = fast.backward(dlogits, cache)
+    else:  # more ranks than rows in this batch
+        loss, grads = 0.0, {k: get_xp(v).zeros_like(v) for k, v in params.items()}
+    loss = distributed.allreduce_mean(grads, loss, len(y), total)  # the global batch's mean loss and gradients
     if clip_grad:
         clip_grad_norm(grads, clip_grad)
     opt.lr = lr
@@ -189,15 +196,18 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
         step, metrics, partial = resume["step"], resume["metrics"], resume["partial_epoch"]
     ckpt_path = os.path.join(out_dir, "checkpoint.safetensors")
 
+    root = distributed.is_root()  # rank 0 alone writes files and draws the progress bar
+
     def checkpoint():
-        save_checkpoint(ckpt_path, params, opt, cfg=cfg, settings=settings, step=step,
-                        metrics=metrics, partial_epoch=partial)
+        if root:
+            save_checkpoint(ckpt_path, params, opt, cfg=cfg, settings=settings, step=step,
+                            metrics=metrics, partial_epoch=partial)
 
     bar = None
     with _StopRequest() as stop:
         for epoch in range(step // steps_per_epoch, settings.epochs):
             start = step - epoch * steps_per_epoch
-            if progress:
+            if progress and root:
                 from tqdm import tqdm
                 bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{settings.epochs}",
                            leave=False, dynamic_ncols=True)
@@ -218,7 +228,7 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{partial['seen'] / partial['time']:.0f}")
                     bar.update(1)
-                if stop.requested or (stop_after is not None and step >= stop_after):
+                if distributed.any_rank(stop.requested) or (stop_after is not None and step >= stop_after):
                     if bar is not None:
                         bar.close()
                     checkpoint()
@@ -239,8 +249,9 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
             log(f"epoch {epoch + 1:3d}/{settings.epochs}  train loss {row['train_loss']:.4f}  "
                 f"test loss {row['test_loss']:.4f}  test top-1 {row['test_top1']:.2f}%  "
                 f"top-5 {row['test_top5']:.2f}%  {row['train_img_per_s']:.0f} img/s")
-            write_metrics(out_dir, metrics)
-            save_weights(params, os.path.join(out_dir, "model.safetensors"))
+            if root:
+                write_metrics(out_dir, metrics)
+                save_weights(params, os.path.join(out_dir, "model.safetensors"))
             checkpoint()
     return metrics
 
