@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from . import cli
+from . import cli, distributed
 from .backend import to_backend, to_numpy, xp_for
 from .data import eval_transform, open_image
 from .fast import predict
@@ -56,9 +56,10 @@ def main(argv=None):
     k = min(args.topk, cfg.num_classes)
 
     results, failed = [], 0
-    for start in range(0, len(args.images), args.batch_size):
+    images = distributed.shard(args.images)  # this rank's share (all of them on one process)
+    for start in range(0, len(images), args.batch_size):
         files, arrays = [], []
-        for path in args.images[start:start + args.batch_size]:
+        for path in images[start:start + args.batch_size]:
             try:
                 arrays.append(transform(open_image(path, mode)))
                 files.append(path)
@@ -72,6 +73,9 @@ def main(argv=None):
             top = np.argsort(-p)[:k]
             results.append({"file": path, "topk": [{"index": int(i), "label": names[i], "prob": float(p[i])}
                                                    for i in top]})
+    results, (failed,) = distributed.gather_lists(results), distributed.sum_counts(failed)  # in input order
+    if not distributed.is_root():
+        return 2 if failed else 0
     if args.json:
         print(json.dumps(results, indent=2))
     else:
