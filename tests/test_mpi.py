@@ -94,7 +94,8 @@ def needs_mpi():
         pytest.skip("no mpiexec (pip install -e '.[mpi]')")
 
 
-@pytest.mark.parametrize("batch, bind", [(32, False), (31, False), (32, True)])  # 16 + 16 rows, an uneven 15 + 16
+# 16 + 16 rows; an uneven 15 + 16; 0 + 1 (a rank with no rows adds zeros); bound to one core each
+@pytest.mark.parametrize("batch, bind", [(32, False), (31, False), (1, False), (32, True)])
 def test_two_ranks_train_like_one_process(tmp_path, batch, bind):
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
@@ -112,7 +113,7 @@ def test_two_ranks_train_like_one_process(tmp_path, batch, bind):
     print(f"batch {batch}{' bound to cores' * bind}: params max rel diff {params_rel:.2e} (noise biases "
           f"{noise:.2e}), losses {loss_rel:.2e}; losses {np.round(loss1, 4).tolist()}")
     assert params_rel <= 1e-12 and loss_rel <= 1e-12 and noise <= 1e-9
-    assert loss1[-3:].mean() < loss1[:3].mean() - 0.05  # it did train
+    assert batch == 1 or loss1[-3:].mean() < loss1[:3].mean() - 0.05  # it did train
     if bind and len(os.sched_getaffinity(0)) == 2:
         # one process splits the batch 16 + 16 over its two cores, exactly as the two ranks do,
         # and 16/32 scales exactly: the same float operations, so the same bits
