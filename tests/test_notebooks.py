@@ -11,8 +11,8 @@ nbclient = pytest.importorskip("nbclient")
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("[0-9][0-9]_*.py"))
 
 
-def test_there_are_six_notebooks():
-    assert len(NOTEBOOKS) == 6
+def test_there_are_seven_notebooks():
+    assert len(NOTEBOOKS) == 7
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
