@@ -117,10 +117,10 @@ def main():
             row = {}
             for layout in ("1x2", "2x1", "1x1"):
                 row[layout] = run_layout(layout, task, args.repeats)
-                print(f"round {rnd + 1} {task:5s} {layout}: {row[layout]['img_per_s']:6.2f} img/s  "
-                      f"peak RSS/rank {row[layout]['peak_rss_mb_per_rank']} MB"
-                      + (f"  allreduce {row[layout]['allreduce_s'] * 1e3:.0f} ms" if row[layout]["allreduce_s"] else ""),
-                      flush=True)
+                m = row[layout]
+                print(f"round {rnd + 1} {task:5s} {layout}: {m['img_per_s']:6.2f} img/s  "
+                      f"peak RSS/rank {m['peak_rss_mb_per_rank']} MB"
+                      + (f"  allreduce {m['allreduce_s'] * 1e3:.0f} ms" if m["allreduce_s"] else ""), flush=True)
             results.append({"task": task, "round": rnd + 1, **row})
     print("\nmedians over rounds (ratios are taken within each round)")
     for task in args.tasks:

@@ -133,8 +133,8 @@ class AdamW(Optimizer):
 def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm
     (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
-    # fsum: exactly rounded, so the norm does not depend on the order of the dict (ranks of an MPI job agree)
-    total = math.sqrt(math.fsum(parallel_map(lambda g: float(get_xp(g).vdot(g.ravel(), g.ravel())), grads.values())))
+    squares = parallel_map(lambda g: float(get_xp(g).vdot(g.ravel(), g.ravel())), grads.values())
+    total = math.sqrt(math.fsum(squares))  # exactly rounded: the dict's order cannot matter (MPI ranks agree)
     scale = min(1.0, max_norm / (total + 1e-6))
     if scale < 1.0:
         for g in grads.values():

@@ -242,7 +242,8 @@ def rank_pids(launcher_pid):
             cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
         except OSError:
             continue
-        if b"minimixer.train" in cmdline and b"python" in cmdline.split(b"\0")[0] and f"MPIEXEC_PID={launcher_pid}".encode() in env:
+        ours = f"MPIEXEC_PID={launcher_pid}".encode() in env  # set by the test, inherited by the ranks
+        if ours and b"minimixer.train" in cmdline and b"python" in cmdline.split(b"\0")[0]:
             rank = next((int(v.split(b"=")[1]) for v in env if v.startswith(b"PMI_RANK=")), None)
             found[rank] = int(entry)
     return found
@@ -279,6 +280,25 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoint(tmp_path):
     assert r.returncode == 0 and f"resuming from {ckpt} at step {state['step']}" in r.stdout, r.stderr
 
 
+def fail_script():
+    """Rank 1 fails with an unexpected error while rank 0 waits for it in a collective."""
+    from minimixer import distributed
+    if distributed.rank() == 1:
+        raise RuntimeError("something unexpected on rank 1")
+    distributed.barrier()
+
+
+def test_an_exception_on_one_rank_ends_the_job():
+    start = time.time()
+    r = run([__file__, "fail"], ranks=2, timeout=60)
+    print(r.stderr)
+    assert r.returncode != 0 and time.time() - start < 60
+    assert "RuntimeError: something unexpected on rank 1" in r.stderr
+    assert "minimixer: rank 1 of 2 failed: ending the whole job" in r.stderr
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "steps":
         steps_script(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1] == "fail":
+        fail_script()
