@@ -156,11 +156,20 @@ for name in ("mixer_s32_224", "mixer_b16_224", "mixer_l16_224"):
     print(f"{name:14s} {n:12,d} {4 * n / 1e6:8.1f} MB " + " ".join(f"{t * 1e3:5.0f} ms" for t in times))
 
 # %% [markdown]
-# On CPUs a step takes seconds (S/32 at 32 images per rank: about 1 s per rank on two cores), so
-# 15 ms of allreduce is about 1%. On GPUs a step can take tens of milliseconds and the allreduce is
-# no longer negligible: large jobs overlap it with the backward pass (start sending a block's
-# gradients as soon as they are ready), which minimixer does not do.
-# `benchmarks/mpi_scaling.py` measures 1 rank × 2 threads against 2 ranks × 1 thread on one machine.
+# On CPUs a step takes seconds (an S/32 step on 16 images took 1–5 s per rank on the shared
+# 2-core test machine), so 15 ms of allreduce is about 1%. On GPUs a step can take tens of
+# milliseconds and the allreduce is no longer negligible: large jobs overlap it with the backward
+# pass (start sending a block's gradients as soon as they are ready), which minimixer does not do.
+#
+# `benchmarks/mpi_scaling.py` measures 1 rank × 2 threads against 2 ranks × 1 thread on one
+# machine. On the 2-core test machine (shared with other jobs, so only ratios within a round mean
+# anything), 2 ranks × 1 thread was faster in 8 of 9 rounds for the S/32 train step (global batch
+# 32: 0.9–1.8×, median 1.3×) and in all 9 for B/16 inference (batch 16: 1.2–2.1×, median 1.6×).
+# Part of that is the load: one process's two threads meet in
+# Python between NumPy calls (the GIL) and wait for each other, two processes never do. The price
+# is memory: each rank holds its own parameters and AdamW state (about 300 MB for S/32), while the
+# activations are split (290 MB per rank instead of 580 MB). Within one machine the allreduce of
+# S/32's 76 MB of gradients took 0.1–0.3 s through shared memory.
 #
 # ## Running it
 #
