@@ -48,7 +48,8 @@ def steps_script(out, batch):
     cfg = get_config("mixer_digits")
     s = TrainSettings(lr=1e-2, weight_decay=0.05, clip_grad=0.5, drop_path=0.25, dropout=0.2,
                       label_smoothing=0.1, seed=3)
-    params = init_params(cfg, seed=1, dtype="float64")
+    rng = np.random.default_rng(1)  # perturbed: timm's init zeroes the head, and with it the first step's other grads
+    params = {k: v + 0.02 * rng.standard_normal(v.shape) for k, v in init_params(cfg, seed=1, dtype="float64").items()}
     opt = make_optimizer(params, s)
     x, y, _, _ = digits_split()
     loader = ArrayLoader(x.astype(np.float64), y, batch, shuffle=True, seed=s.seed)
