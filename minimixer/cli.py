@@ -3,6 +3,7 @@ import argparse
 import os
 import sys
 
+from . import distributed
 from .backend import BackendError
 from .config import PRESETS
 
@@ -31,6 +32,7 @@ def run(main, argv=None, prog="minimixer"):
     except (UserError, ValueError, OSError, BackendError, KeyError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"{prog}: error: {msg}", file=sys.stderr)
+        distributed.abort(2)  # under mpiexec, the other ranks would wait forever: end them too
         return 2
 
 

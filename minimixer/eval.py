@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from . import cli
+from . import cli, distributed
 from .backend import to_backend, to_numpy, xp_for
 from .config import param_count
 from .data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images,
@@ -77,7 +77,7 @@ def build_loader(args, cfg, dcfg, on_error, on_skip=None):
             raise cli.UserError(f"the digits are 1x8x8 images; --model {args.model} takes "
                                 f"{cfg.in_chans}x{cfg.image_hw[0]}x{cfg.image_hw[1]} (pass --data DIR)")
         _, _, x, y = digits_split()
-        x, y = x[:args.limit], y[:args.limit]
+        x, y = distributed.shard(x[:args.limit]), distributed.shard(y[:args.limit])  # this rank's share
         return ArrayLoader(x, y, args.batch_size), len(y)
     if not os.path.isdir(args.data):
         raise cli.UserError(f"--data: no such directory: {args.data}")
@@ -107,7 +107,7 @@ def build_loader(args, cfg, dcfg, on_error, on_skip=None):
         if bad:
             raise cli.UserError(f"{label_file}: label {bad[0]} is outside the model's {cfg.num_classes} classes")
         samples = [(os.path.join(args.data, f), v) for f, v in zip(files, labels)]
-    samples = samples[:args.limit]
+    samples = distributed.shard(samples[:args.limit])  # this rank's share (all of it on one process)
     size = cfg.image_hw[0]
     transform = eval_transform(size, crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
                                mean=dcfg.mean, std=dcfg.std, pipeline=dcfg.pipeline)
@@ -184,7 +184,7 @@ def main(argv=None):
     params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite)
 
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and distributed.is_root():
         from tqdm import tqdm
         bar = tqdm(total=total, unit="img", desc=f"eval {args.model}", dynamic_ncols=True, file=sys.stderr)
     correct1 = correct5 = count = 0
@@ -204,18 +204,22 @@ def main(argv=None):
     if bar is not None:
         bar.update(count + len(skipped) - bar.n)
         bar.close()
+    correct1, correct5, count, total, n_skipped, interrupted = distributed.sum_counts(
+        correct1, correct5, count, total, len(skipped), interrupted)  # over all ranks
+    if not distributed.is_root():
+        return 130 if interrupted else 0
 
     if count == 0:  # no accuracy to report: an error (or Ctrl-C), never a result of 0%
         if interrupted:
             print("python -m minimixer.eval: interrupted before any image was evaluated: no results", file=sys.stderr)
             return 130
         raise cli.UserError(f"no images were evaluated: all {total} could not be read (see above)")
-    row = results_row(args, cfg, dcfg, correct1, correct5, count, len(skipped), seconds)
+    row = results_row(args, cfg, dcfg, correct1, correct5, count, n_skipped, seconds)
     if interrupted:
         print(f"interrupted after {count} of {total} images: partial results", file=sys.stderr)
     print(f" * Acc@1 {row['top1']:.3f} ({row['top1_err']:.3f}) Acc@5 {row['top5']:.3f} ({row['top5_err']:.3f})")
     shown = os.path.relpath(weights) if os.path.abspath(weights).startswith(os.getcwd() + os.sep) else weights
-    print(f"   {args.model}  weights {shown}  images {count}  skipped {len(skipped)}  "
+    print(f"   {args.model}  weights {shown}  images {count}  skipped {n_skipped}  "
           f"params {row['param_count']}M  {row['img_per_sec']:.1f} img/s  backend {args.backend}")
     if left_out:
         print(f"   the folder scan left out {len(left_out)} folder(s) or file(s), named above", file=sys.stderr)

@@ -140,10 +140,11 @@ def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm
     (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
     xp = get_xp(*grads.values())
-    if xp is np:  # one thread per tensor
-        total = math.sqrt(sum(parallel_map(lambda g: float(np.vdot(g.ravel(), g.ravel())), grads.values())))
-    else:  # on the GPU's stream, from this thread: the squared norms summed there, one sync to read the total
-        total = math.sqrt(float(xp.stack([xp.vdot(g.ravel(), g.ravel()) for g in grads.values()]).sum()))
+    if xp is np:  # one thread per tensor; fsum rounds exactly, so the dict's order cannot matter (MPI ranks agree)
+        total = math.sqrt(math.fsum(parallel_map(lambda g: float(np.vdot(g.ravel(), g.ravel())), grads.values())))
+    else:  # on the GPU's stream, from this thread, in one fixed order: one sync to read the total
+        squares = [xp.vdot(grads[k].ravel(), grads[k].ravel()) for k in sorted(grads)]
+        total = math.sqrt(float(xp.stack(squares).sum()))
     scale = min(1.0, max_norm / (total + 1e-6))
     if scale < 1.0:
         for g in grads.values():

@@ -17,7 +17,7 @@ import types
 
 import numpy as np
 
-from . import cli, fast
+from . import cli, distributed, fast
 from .backend import to_backend, to_numpy, xp_for
 from .data import eval_transform, open_image, strict_pixel_limit
 from .fast import predict
@@ -82,10 +82,12 @@ def main(argv=None):
     k = min(args.topk, cfg.num_classes)
 
     results, failed = [], 0
+    images = distributed.shard(args.images)  # this rank's share (all of them on one process)
+    alone = distributed.size() == 1  # one process prints as results come, so Ctrl-C keeps them
     try:
-        for start in range(0, len(args.images), args.batch_size):
+        for start in range(0, len(images), args.batch_size):
             files, arrays = [], []
-            for path in args.images[start:start + args.batch_size]:
+            for path in images[start:start + args.batch_size]:
                 try:
                     arrays.append(transform(decode(path, mode)))
                     files.append(path)
@@ -101,13 +103,19 @@ def main(argv=None):
                 r = {"file": path, "topk": [{"index": int(i), "label": names[i], "prob": json_number(p[i])}
                                             for i in top]}
                 results.append(r)
-                if not args.json:
-                    print_text(r)  # as it comes: Ctrl-C keeps what was printed
+                if alone and not args.json:
+                    print_text(r)
     except KeyboardInterrupt:  # keep the results so far: print them, and say so
         if args.json:
             print(json.dumps(results, indent=2, allow_nan=False))
         print(f"{PROG}: interrupted after {len(results)} of {len(args.images)} images", file=sys.stderr)
         return 130
+    results, (failed,) = distributed.gather_lists(results), distributed.sum_counts(failed)  # in input order
+    if not distributed.is_root():
+        return 2 if failed else 0
+    if not alone and not args.json:
+        for r in results:
+            print_text(r)
     if args.json:
         print(json.dumps(results, indent=2, allow_nan=False))
     return 2 if failed else 0

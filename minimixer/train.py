@@ -21,7 +21,7 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 
-from . import cli
+from . import cli, distributed
 from .backend import to_backend, xp_for
 from .config import param_shapes
 from .data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, open_image, train_transform
@@ -329,6 +329,8 @@ def train(argv):
     parser, spellings = build_parser()
     args = parser.parse_args(argv)
     xp_for(args.backend)  # fail early and clearly without a GPU
+    if not distributed.is_root():  # under mpiexec, rank 0 alone reports
+        sys.stdout, args.no_progress = open(os.devnull, "w"), True
     out = args.out or os.path.join("runs", args.model or DEFAULT_MODEL)
     run = resumed_run(args, spellings, out) if args.resume else fresh_run(args, out)
     cfg, settings, data = run["cfg"], run["settings"], run["data"]

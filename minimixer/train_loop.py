@@ -22,11 +22,11 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import safetensors.numpy
 
-from .backend import to_backend, to_numpy
+from .backend import get_xp, to_backend, to_numpy
 from .config import MixerConfig, param_shapes
 from .layers import softmax_cross_entropy
 from .metrics import count_correct
-from . import fast
+from . import distributed, fast
 from .optim import SCHEDULES, SGD, AdamW, bias_and_norm, clip_grad_norm, lr_at
 from .checkpoints.safetensors_io import (atomic_target, atomic_write_bytes, check_state_dict, read_safetensors,
                                          save_weights)
@@ -123,9 +123,16 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
 
     It runs fast.forward/fast.backward, which compute what model.mixer_forward/mixer_backward
     compute (tests/test_fast.py), with the same dropout and stochastic-depth masks for an rng."""
-    logits, cache = fast.forward(params, x, cfg, drop_path_rate=drop_path, drop_rate=dropout, rng=rng)
-    loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)
-    grads, _ = fast.backward(dlogits, cache)
+    total = len(y)
+    rows, rng = distributed.batch_share(total, rng)  # this rank's rows (all on one process); masks of the whole batch
+    x, y = x[rows], y[rows]
+    if len(y):
+        logits, cache = fast.forward(params, x, cfg, drop_path_rate=drop_path, drop_rate=dropout, rng=rng)
+        loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)
+        grads, _ = fast.backward(dlogits, cache)
+    else:  # more ranks than rows in this batch
+        loss, grads = 0.0, {k: get_xp(v).zeros_like(v) for k, v in params.items()}
+    loss = distributed.allreduce_mean(grads, loss, len(y), total)  # the global batch's mean loss and gradients
     if clip_grad:
         clip_grad_norm(grads, clip_grad)
     opt.lr = lr
@@ -452,9 +459,12 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
         return lr_at(s, base_lr=settings.lr, total_steps=total_steps, warmup_steps=warmup_steps,
                      decay=settings.schedule, min_lr=settings.min_lr)
 
+    root = distributed.is_root()  # rank 0 alone writes files and draws the progress bar
+
     def checkpoint():
-        save_checkpoint(ckpt_path, params, opt, cfg=cfg, settings=settings, step=step, metrics=metrics,
-                        partial_epoch=partial, model=model, data=data)
+        if root:
+            save_checkpoint(ckpt_path, params, opt, cfg=cfg, settings=settings, step=step, metrics=metrics,
+                            partial_epoch=partial, model=model, data=data)
         saved["step"] = step
 
     def kept():
@@ -477,8 +487,9 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
         log(f"epoch {epoch + 1:3d}/{settings.epochs}  train loss {row['train_loss']:.4f}  "
             f"test loss {row['test_loss']:.4f}  test top-1 {row['test_top1']:.2f}%  "
             f"top-5 {row['test_top5']:.2f}%  {row['train_img_per_s']:.0f} img/s")
-        write_metrics(out_dir, metrics)
-        save_weights(params, os.path.join(out_dir, "model.safetensors"))
+        if root:
+            write_metrics(out_dir, metrics)
+            save_weights(params, os.path.join(out_dir, "model.safetensors"))
         checkpoint()
 
     def stop_here(stop):
@@ -502,11 +513,12 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
             end_epoch(step // steps_per_epoch - 1)
         for epoch in range(step // steps_per_epoch, settings.epochs):
             start = step - epoch * steps_per_epoch
-            if progress:
+            if progress and root:
                 from tqdm import tqdm
                 bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{settings.epochs}",
                            leave=False, dynamic_ncols=True)
             t0 = time.perf_counter() - partial["time"]
+            stopping = False
             for x, y in train_loader.batches(epoch, start):
                 loss = train_step(params, opt, to_backend(x, backend), to_backend(y, backend), cfg, lr=lr_for(step),
                                   label_smoothing=settings.label_smoothing, clip_grad=settings.clip_grad,
@@ -522,7 +534,7 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
                 if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{partial['seen'] / partial['time']:.0f}")
                     bar.update(1)
-                stopping = stop.requested or (stop_after is not None and step >= stop_after)
+                stopping = distributed.any_rank(stop.requested) or (stop_after is not None and step >= stop_after)
                 if stopping and step % steps_per_epoch:  # mid-epoch: the epoch ends after the resume
                     checkpoint()
                     return stop_here(stop)
@@ -535,6 +547,7 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
             if stop.requested:
                 checkpoint()  # a second Ctrl-C during the evaluation loses nothing
             end_epoch(epoch)
-            if stop.requested or (stop_after is not None and step >= stop_after):
+            # a Ctrl-C during the evaluation stops here too; every rank reaches the same answer
+            if stopping or distributed.any_rank(stop.requested) or (stop_after is not None and step >= stop_after):
                 return stop_here(stop)
     return metrics
