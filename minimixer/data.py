@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .checkpoints.safetensors_io import open_regular_file
 
@@ -165,7 +165,10 @@ def open_image(path, mode="RGB"):
     Only regular files are read, and an image larger than Pillow's MAX_IMAGE_PIXELS is an
     error (Pillow itself only warns up to twice that)."""
     with open_regular_file(path) as f:
-        img = Image.open(f)
+        try:
+            img = Image.open(f)
+        except UnidentifiedImageError:  # Pillow's message names the file object, not the file
+            raise UnidentifiedImageError("cannot identify the image format (not an image, or damaged)") from None
         check_pixels(*img.size)
         return img.convert(mode)
 
