@@ -88,6 +88,38 @@ print(f"weighted sum of share gradients vs big batch: {rel(weighted, big):.1e}  
 print(f"plain average of share means:                 {rel(plain, big):.1e}  (uneven shares: wrong)")
 print(f"each rank drawing its own masks:              {rel(own_masks, big):.1e}  (depends on N: wrong)")
 
+# %%
+assert rel(weighted, big) < 1e-12 and rel(plain, big) > 1e-3 and rel(own_masks, big) > 1e-3
+
+# %% [markdown]
+# **Exercise.** Gradient clipping must come *after* the allreduce. Clip each share's gradients
+# before they are added up (as a rank would if it clipped its own), and compare with the big-batch
+# gradient clipped once, at a max norm of half the big batch's norm. Predict first: which of the
+# two agrees with the big batch, and why does the other not? (Graded exercises on the layers and
+# AdamW are in the coursework: `python -m minimixer.coursework release`.)
+
+# %%
+def clipped(grads, max_norm):
+    out = {k: v.copy() for k, v in grads.items()}
+    clip_grad_norm(out, max_norm)
+    return out
+
+
+max_norm = 0.5 * clip_grad_norm({k: v.copy() for k, v in big.items()}, np.inf)  # returns the norm
+reference = clipped(big, max_norm)
+early = {k: np.zeros_like(v) for k, v in params0.items()}
+for r in range(ranks):
+    rows, rng = distributed.batch_share(B, np.random.default_rng(7), ranks, r)
+    g = clipped(loss_and_grads(params0, x[rows], y[rows], rng)[1], max_norm)  # each rank clips its own
+    for k in early:
+        early[k] += (rows.stop - rows.start) / B * g[k]
+late = clipped(weighted, max_norm)  # allreduce first, then clip: what train_step does
+print(f"clip after the allreduce:  {rel(late, reference):.1e}")
+print(f"clip before the allreduce: {rel(early, reference):.1e}")
+assert rel(late, reference) < 1e-12 and rel(early, reference) > 1e-3
+# Answer: a share's gradient is noisier than the batch's, so its norm is larger and it is scaled
+# down by a different factor on each rank; clipping is not linear, so it does not commute with the sum.
+
 # %% [markdown]
 # ## Ten training steps: 1 rank against 3
 #
