@@ -14,8 +14,8 @@ from .layers import softmax_cross_entropy
 from .fast import predict  # the fast inference path; model.predict is the clear one it equals
 from .model import mixer_backward, mixer_forward
 from .params import init_params
-from .checkpoints.safetensors_io import load_weights, save_weights
-from .checkpoints.convert import load_checkpoint
+from .checkpoints.convert import load_checkpoint, load_weights
+from .checkpoints.safetensors_io import save_weights
 from . import optim
 
 __version__ = "0.1.0"

@@ -24,7 +24,8 @@ from .data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split,
 from .fast import predict
 from .checkpoints.registry import WeightsNotFound, data_config, find_weights, imagenet_classes
 from .metrics import count_correct
-from .checkpoints.safetensors_io import atomic_write_bytes, check_writable, load_weights
+from .checkpoints.convert import load_weights
+from .checkpoints.safetensors_io import atomic_write_bytes, check_writable
 
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                   "interpolation", "count", "skipped", "img_per_sec"]

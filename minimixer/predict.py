@@ -22,7 +22,7 @@ from .backend import to_backend, to_numpy, xp_for
 from .data import eval_transform, open_image, strict_pixel_limit
 from .fast import predict
 from .checkpoints.registry import WeightsNotFound, class_names, data_config, find_weights
-from .checkpoints.safetensors_io import load_weights
+from .checkpoints.convert import load_weights
 
 PROG = "python -m minimixer.predict"
 

@@ -14,7 +14,6 @@ GELU, the residual adds, the mean pool and the Linear biases count nothing. FLOP
 chosen backend: the table that shows channel mixing is most of the cost.
 """
 import json
-import math
 import statistics
 import sys
 import time

@@ -5,15 +5,15 @@
     python -m minimixer.weights convert mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth \\
         --out weights/mixer_b16_224.mmpretrain.safetensors
 
-The checkpoint table lives in minimixer/checkpoints/registry.py; loading and saving in
-minimixer/checkpoints/safetensors_io.py (minimixer.load_weights, save_weights); the
-MMPretrain and JAX formats in minimixer/checkpoints/convert.py.
+The checkpoint table lives in minimixer/checkpoints/registry.py; loading every format in
+minimixer/checkpoints/convert.py (minimixer.load_weights, load_checkpoint); writing in
+minimixer/checkpoints/safetensors_io.py (minimixer.save_weights).
 """
 import os
 import sys
 
 from .checkpoints.convert import convert, describe
-from .checkpoints.registry import CHECKPOINTS, PREPROCESSING, WeightsNotFound, download, local_name
+from .checkpoints.registry import CHECKPOINTS, PREPROCESSING, WeightsNotFound, download, local_name, resolve
 from .checkpoints.safetensors_io import atomic_copy
 from .cli import ArgumentParser, run
 
@@ -51,7 +51,8 @@ def main(argv=None):
                 p.error("--img-size takes H or H W")
             img_size = tuple(args.img_size) if args.img_size and len(args.img_size) == 2 else \
                 (args.img_size[0] if args.img_size else None)
-            ck, cfg = convert(args.src, args.out, model=args.model, preprocessing=args.preprocessing,
+            like = resolve(args.model)[0] if args.model else None  # the variant SRC must be
+            ck, cfg = convert(args.src, args.out, like=like, preprocessing=args.preprocessing,
                               img_size=img_size, ln_eps=args.ln_eps, gelu=args.gelu)
             print(f"{args.out}: {describe(cfg)} from {ck.source} ({ck.format}); "
                   f"ln_eps {cfg.ln_eps:g}, gelu {cfg.gelu}, preprocessing {args.preprocessing or ck.preprocessing}")
@@ -63,7 +64,7 @@ def main(argv=None):
             if path.endswith(".safetensors"):
                 atomic_copy(path, dest)
             else:  # an original .pth/.npz: write it converted, with its numerics recorded
-                convert(path, dest, model=args.model)
+                convert(path, dest, like=resolve(args.model)[0])
             path = dest
     except (WeightsNotFound, ValueError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -1,6 +1,5 @@
 """Training: loss, regularizers, optimizers, schedules, checkpoints/resume and the train CLI."""
 import json
-import os
 import re
 import signal
 import subprocess

@@ -1,8 +1,10 @@
 """Checkpoint files and where they come from: the tools around the core, not part of the lesson.
 
-- safetensors_io: timm's safetensors files (strict loading, atomic saving)
+Bottom to top (each module imports only those above it in this list):
+- safetensors_io: safetensors files (strict reading, atomic writing), regular files only
+- pth, mmpretrain, jax: torch .pth archives read without torch or their pickle; MMPretrain's and
+  Google's key names, numerics and (MMPretrain's) OpenCV pipeline
+- preprocessing: the named input pipelines (mean, std, crop, interpolation)
+- convert: one way in for every format: detect, map to timm's names, load_weights, convert
 - registry: pretrained tags, their numerics and preprocessing, class names, downloads
-- convert: one way in for every format (detect, map to timm's names, record numerics)
-- pth: torch .pth archives read without torch, and without running their pickle
-- mmpretrain, jax: MMPretrain's and Google's original key names, numerics and pipelines
 """

@@ -24,12 +24,15 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from ..backend import float_dtype, to_backend
 from ..config import PRESETS, MixerConfig, param_shapes
 from ..layers import GELU_FORMS
 from . import jax as jax_format
 from . import mmpretrain
 from .pth import read_pth
-from .safetensors_io import atomic_write_bytes, check_state_dict, open_regular_file, read_safetensors
+from .preprocessing import PREPROCESSING
+from .safetensors_io import (atomic_write_bytes, check_finite, check_state_dict, open_regular_file,
+                             read_safetensors)
 
 # what each source's own model runs with, and its input pipeline (registry.PREPROCESSING)
 SOURCES = {
@@ -274,6 +277,24 @@ def check_numerics(ck, cfg):
                       f"(cfg.replace({want}) reproduces the source)", NumericsWarning, stacklevel=3)
 
 
+def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite=False):
+    """Load a Mixer checkpoint (timm safetensors, MMPretrain .pth, JAX .npz) into a flat dict
+    keyed by timm's names, checked against cfg.
+
+    A tensor with NaN or Inf (also one that overflows `dtype`, e.g. 1e5 in float16) is an
+    error unless allow_nonfinite is set."""
+    dtype = float_dtype(dtype)
+    tensors = read_for(path, cfg)
+    expected = param_shapes(cfg)
+    check_state_dict({k: v.shape for k, v in tensors.items()}, expected, os.fspath(path))
+    # astype copies, so every array is writable and owns its memory (not the file buffer)
+    with np.errstate(over="ignore"):  # an overflow to inf is reported by name just below
+        params = {k: tensors[k].astype(dtype) for k in expected}
+    if not allow_nonfinite:
+        check_finite(params, os.fspath(path))
+    return to_backend(params, backend)
+
+
 def config_for_file(path, cfg):
     """cfg with the weights file's recorded numerics and its number of classes: what
     --weights FILE implies before any explicit flag."""
@@ -287,29 +308,26 @@ def load_checkpoint(path, cfg=None, *, dtype="float32", backend="numpy"):
     """(params, cfg) from a file of any format. cfg=None: the config comes from the file's
     shapes and metadata; a given cfg takes the file's numerics (ln_eps, gelu) where it records
     them and its number of classes, and is checked to be the same variant."""
-    from .safetensors_io import load_weights
     cfg = infer_config(read_checkpoint(path, load=False)) if cfg is None else config_for_file(path, cfg)
     return load_weights(path, cfg, dtype=dtype, backend=backend), cfg
 
 
 # --- writing --------------------------------------------------------------------------------
 
-def convert(src, dst, *, model=None, preprocessing=None, img_size=None, ln_eps=None, gelu=None):
+def convert(src, dst, *, like=None, preprocessing=None, img_size=None, ln_eps=None, gelu=None):
     """Write src (any format) as a timm-named safetensors file with the metadata above, atomically.
-    model: a preset or tag the file must be (an error names the variant otherwise);
-    img_size: the input size, where the patch grid is not square; ln_eps, gelu: the numerics
-    to record where the file does not say (a plain timm file is taken to be timm's 1e-6, erf).
-    Returns (Checkpoint, MixerConfig)."""
-    from .registry import PREPROCESSING, resolve
+    like: the MixerConfig the file must be (an error names the variant otherwise; the number of
+    classes may differ); img_size: the input size, where the patch grid is not square; ln_eps,
+    gelu: the numerics to record where the file does not say (a plain timm file is taken to be
+    timm's 1e-6, erf). Returns (Checkpoint, MixerConfig)."""
     ck = read_checkpoint(src)
-    like = resolve(model)[0] if model else None
     cfg = infer_config(ck, img_size=img_size or (like.img_size if like else None))
     try:
         cfg = cfg.replace(**{k: v for k, v in (("ln_eps", ln_eps), ("gelu", gelu)) if v is not None})
     except ValueError as e:
         raise ValueError(f"{src}: {e}") from None
     if like is not None and param_shapes(like.replace(num_classes=cfg.num_classes)) != param_shapes(cfg):
-        raise ValueError(f"{src} holds {describe(cfg)}, not {model} ({describe(like)})")
+        raise ValueError(f"{src} holds {describe(cfg)}, not {describe(like)}")
     preprocessing = preprocessing or ck.preprocessing
     if preprocessing is not None and preprocessing not in PREPROCESSING:
         raise ValueError(f"unknown preprocessing {preprocessing!r}; known: {', '.join(PREPROCESSING)}")

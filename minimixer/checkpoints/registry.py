@@ -16,7 +16,8 @@ from dataclasses import dataclass, replace
 from importlib import resources
 
 from ..config import PRESETS, get_config
-from .convert import SOURCES
+from .convert import SOURCES, read_checkpoint
+from .preprocessing import DIGITS, GOOGLE, MIIL, MMPRETRAIN, PREPROCESSING, DataConfig  # noqa: F401
 from .safetensors_io import atomic_target
 
 HF_FILENAME = "model.safetensors"
@@ -24,16 +25,6 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(_
 # package data, so that every install (not only an editable one) has it
 BUNDLED_DIGITS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                               "assets", "mixer_digits.safetensors")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How images are prepared for a model (timm's eval transform settings)."""
-    mean: tuple = (0.5, 0.5, 0.5)
-    std: tuple = (0.5, 0.5, 0.5)
-    crop_pct: float = 0.875
-    interpolation: str = "bicubic"
-    pipeline: str = "timm"  # 'timm' (Pillow) or 'mmpretrain' (OpenCV decoding and resizing)
 
 
 @dataclass(frozen=True)
@@ -52,13 +43,6 @@ class Pretrained:
         return {k: SOURCES[self.source][k] for k in ("ln_eps", "gelu")}
 
 
-GOOGLE = DataConfig()
-MIIL = DataConfig(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
-# configs/_base_/datasets/imagenet_bs64_mixer_224.py: cv2 decode, ResizeEdge 256 short bicubic,
-# CenterCrop 224, mean = std = 127.5
-MMPRETRAIN = DataConfig(pipeline="mmpretrain")
-DIGITS = DataConfig(mean=(0.5,), std=(0.5,), crop_pct=1.0, interpolation="box")
-PREPROCESSING = {"google": GOOGLE, "miil": MIIL, "mmpretrain": MMPRETRAIN, "digits": DIGITS}
 MMPRETRAIN_URL = "https://download.openmmlab.com/mmclassification/v0/mlp-mixer/"
 JAX_URL = "https://storage.googleapis.com/mixer_models/"
 CHECKPOINTS = {p.tag: p for p in [
@@ -109,7 +93,6 @@ def data_config(name, weights=None, **overrides):
     A weights file whose metadata names its preprocessing (a converted one) brings its own."""
     _, data, _ = resolve(name)
     if weights not in (None, "auto") and os.path.isfile(weights):
-        from .convert import read_checkpoint
         data = PREPROCESSING.get(read_checkpoint(weights, load=False).preprocessing, data)
     return replace(data, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
 

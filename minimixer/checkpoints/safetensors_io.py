@@ -20,8 +20,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from ..backend import float_dtype, to_backend, to_numpy
-from ..config import param_shapes
+from ..backend import to_numpy
 
 # safetensors dtype tags we can turn into floats. bf16 has no NumPy dtype: it is
 # the top half of a float32, so we widen its bits by a 16-bit shift.
@@ -116,25 +115,6 @@ def check_finite(params, source):
         if bad:
             raise ValueError(f"{source}: tensor {name!r} has {bad} non-finite value(s) (NaN or Inf) "
                              f"of {v.size}; load it anyway with allow_nonfinite=True (--allow-nonfinite)")
-
-
-def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite=False):
-    """Load a timm Mixer checkpoint into a flat dict keyed by timm's names, checked against cfg.
-
-    A tensor with NaN or Inf (also one that overflows `dtype`, e.g. 1e5 in float16) is an
-    error unless allow_nonfinite is set. MMPretrain .pth and JAX .npz files load too
-    (checkpoints/convert.py maps their keys)."""
-    from .convert import read_for  # lazy: convert.py imports this module
-    dtype = float_dtype(dtype)
-    tensors = read_for(path, cfg)
-    expected = param_shapes(cfg)
-    check_state_dict({k: v.shape for k, v in tensors.items()}, expected, os.fspath(path))
-    # astype copies, so every array is writable and owns its memory (not the file buffer)
-    with np.errstate(over="ignore"):  # an overflow to inf is reported by name just below
-        params = {k: tensors[k].astype(dtype) for k in expected}
-    if not allow_nonfinite:
-        check_finite(params, os.fspath(path))
-    return to_backend(params, backend)
 
 
 def save_weights(params, path):
