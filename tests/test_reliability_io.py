@@ -3,6 +3,7 @@ no silent wrong result, no traceback for a user's mistake. Each test names its i
 
 The commands run in-process through cli.run (the same path as `python -m`), except where a
 fresh interpreter is the point (import order, a real SIGINT, an installed copy)."""
+import importlib.util
 import json
 import os
 import re
@@ -431,11 +432,12 @@ def test_non_editable_install_runs_eval(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=60)
     python = str(venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
-    try:  # build with this environment's setuptools, offline; else pip fetches it (Python >= 3.12 venvs)
-        import setuptools  # noqa: F401
-        offline = ["--no-build-isolation", "--no-index"]
-    except ImportError:
-        offline = []
+    # build offline with this environment's setuptools where it can make wheels (setuptools >= 70.1,
+    # or the wheel package); else pip fetches a build backend (Python >= 3.12 venvs have none)
+    can_build = importlib.util.find_spec("setuptools") is not None and (
+        importlib.util.find_spec("setuptools.command.bdist_wheel") is not None
+        or importlib.util.find_spec("wheel") is not None)
+    offline = ["--no-build-isolation", "--no-index"] if can_build else []
     wheels = tmp_path / "wheels"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", *offline, "--quiet", "-w", str(wheels),
                         str(src)], capture_output=True, text=True, timeout=300)
