@@ -41,7 +41,7 @@ from .model import check_input
 
 # --- elementwise kernels: NumPy, chunked and threaded ----------------------------------------
 
-CHUNK_ELEMENTS = 1 << 17  # 512 KB of float32 per array: a chunk and its scratch stay near L2
+CHUNK_ELEMENTS = 1 << 15  # 128 KB of float32 per array: a chunk and its three scratch arrays stay in L2
 _pool = None
 _pool_lock = threading.Lock()
 _scratch = threading.local()
@@ -344,7 +344,7 @@ def run_shares(fn, spans):
 # --- inference -----------------------------------------------------------------------------------
 
 TOKEN_GROUP = 2  # images per token-mixing matmul batch
-CHANNEL_CHUNK_BYTES = 16 << 20  # channel-MLP hidden per chunk: big enough for full-speed GEMMs,
+CHANNEL_CHUNK_BYTES = 24 << 20  # channel-MLP hidden per chunk (2048 rows of B/16): big enough for full-speed GEMMs,
 # small enough to stay in a desktop L3 and well under timm's (B·N, DC) hidden and its GELU copy
 
 
@@ -354,6 +354,9 @@ def predict(params, x, cfg):
     xp = get_xp(x)
     blocks = [{k[len(f"blocks.{i}."):]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
               for i in range(cfg.num_blocks)]
+    if xp is np and x.shape[0] < num_threads() and (limit := _blas_single_thread()) is not None:
+        with limit:  # fewer images than cores: split each matmul instead of the batch
+            return _predict_split(params, blocks, x, cfg)
     spans = split_batch(x.shape[0]) if xp is np else [(0, x.shape[0])]
     logits = run_shares(lambda a, b: _predict_share(params, blocks, x[a:b], cfg), spans)
     return logits[0] if len(logits) == 1 else xp.concatenate(logits)
@@ -403,6 +406,83 @@ def _predict_share(params, blocks, x, cfg):
     layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
     pooled = y.reshape(B, N, D).mean(axis=1)  # (B, D)
     return pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
+
+
+def _fork(fn, parts):
+    """fn(k) for k in range(parts), one per thread (the caller takes k = 0), each thread's
+    elementwise work serial; BLAS is already single-threaded here."""
+    def serial(k):
+        _scratch.serial = True
+        try:
+            fn(k)
+        finally:
+            _scratch.serial = False
+    futures = [_executor().submit(serial, k) for k in range(1, parts)]
+    serial(0)
+    for f in futures:
+        f.result()
+
+
+def _even(n, parts, align=16):
+    """Bounds splitting range(n) into `parts` pieces, multiples of `align` where possible."""
+    align = align if n >= parts * align else 1
+    cuts = [min(n, (n * k // parts + align // 2) // align * align) for k in range(parts + 1)]
+    cuts[-1] = n
+    return [(a, b) for a, b in zip(cuts, cuts[1:])]
+
+
+def _predict_split(params, blocks, x, cfg):
+    """predict for fewer images than cores (one image on two): each core takes a slice of
+    every matmul, with single-threaded BLAS, and runs the GELU of its own slice right after.
+    Token mixing splits the D columns (each core owns its columns of the residual stream);
+    channel mixing splits the DC hidden units (each core packs only its half of the weights)
+    and sums the partial outputs. Cheaper than BLAS's own threads on one image: there is no
+    hand-off between BLAS threads and the elementwise work, and nothing spins."""
+    B, N, D, DC = x.shape[0], cfg.num_patches, cfg.embed_dim, cfg.channel_hidden
+    M = B * N
+    parts = num_threads()
+    d_cols, dc_cols = _even(D, parts), _even(DC, parts)
+    w = params["stem.proj.weight"].reshape(D, -1)
+    patches = patchify(x, cfg.patch_size).reshape(M, -1)  # (M, C·P·P)
+    h = np.empty((M, D), x.dtype)  # (M, D) residual stream
+    _fork(lambda k: np.matmul(patches, w[slice(*d_cols[k])].T, out=h[:, slice(*d_cols[k])]), parts)
+    h += params["stem.proj.bias"]
+    y = np.empty_like(h)  # (M, D) LayerNorm outputs
+    h3, y3 = h.reshape(B, N, D), y.reshape(B, N, D)
+    token_hid = [np.empty((cfg.token_hidden, b - a), x.dtype) for a, b in d_cols]  # (DS, D/parts)
+    token_out = [np.empty((N, b - a), x.dtype) for a, b in d_cols]  # (N, D/parts)
+    channel_hid = [np.empty((M, b - a), x.dtype) for a, b in dc_cols]  # (M, DC/parts)
+    partial = np.empty((parts, M, D), x.dtype)  # (parts, M, D) channel-MLP outputs, summed below
+    for p in blocks:
+        layernorm_(h, y, p["norm1.weight"], p["norm1.bias"], cfg.ln_eps)
+
+        def token_mixing(k):
+            cols = slice(*d_cols[k])
+            for j in range(B):
+                hid = np.matmul(p["mlp_tokens.fc1.weight"], y3[j, :, cols], out=token_hid[k])  # (DS, D/parts)
+                bias_gelu_(hid, p["mlp_tokens.fc1.bias"][:, None], cfg.gelu)
+                out = np.matmul(p["mlp_tokens.fc2.weight"], hid, out=token_out[k])  # (N, D/parts)
+                out += p["mlp_tokens.fc2.bias"][:, None]
+                h3[j, :, cols] += out
+        _fork(token_mixing, parts)
+        layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps)
+
+        def channel_mixing(k):
+            units = slice(*dc_cols[k])
+            hid = np.matmul(y, p["mlp_channels.fc1.weight"][units].T, out=channel_hid[k])  # (M, DC/parts)
+            bias_gelu_(hid, p["mlp_channels.fc1.bias"][units], cfg.gelu)
+            np.matmul(hid, p["mlp_channels.fc2.weight"][:, units].T, out=partial[k])  # (M, D)
+        _fork(channel_mixing, parts)
+        run_rows(_add_partials, h, p["mlp_channels.fc2.bias"], *partial)  # h += b2 + Σ partials
+    layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
+    pooled = y3.mean(axis=1)  # (B, D)
+    return pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
+
+
+def _add_partials(h, bias, *partials):
+    h += bias
+    for part in partials:
+        h += part
 
 
 # --- training ------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ def setup(name, dtype, B, seed=0):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("B", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
 def test_predict_equals_reference(monkeypatch, threads, B, dtype, tol):
     monkeypatch.setattr(fast, "num_threads", lambda: threads)
