@@ -398,14 +398,22 @@ def first_call(step):
     return out, (rss_kb("VmHWM") - before) / 1024
 
 
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine_info(args):
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    info = {"platform": platform.platform(), "processor": cpu_name(),
             "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
             "python": platform.python_version(), "numpy": np.__version__}
     try:
         from threadpoolctl import threadpool_info
-        info["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture")}
-                        for i in threadpool_info()]
+        info["blas"] = [{k: i.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "filepath")}
+                        for i in threadpool_info() if i.get("user_api") == "blas"]
     except ImportError:
         pass
     if args.compare:
@@ -533,9 +541,12 @@ def main(argv=None):
     what = "inference" if args.mode == "infer" else "train step (forward + backward + AdamW)"
     print(f"{args.model} {what}, {args.dtype}, backend {args.backend}, minimixer path {args.path}, "
           f"{param_count(cfg) / 1e6:.1f}M params, {threads()} threads, medians of {args.repeats} alternating rounds")
+    info = machine_info(args)
+    print("BLAS: " + ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)"
+                               for b in info.get("blas", [])) + f"; CPU: {info['processor']}")
     result = {"model": args.model, "mode": args.mode, "dtype": args.dtype, "backend": args.backend,
               "path": args.path, "repeats": args.repeats, "engines": ["minimixer", *args.compare],
-              "machine": machine_info(args), "batches": []}
+              "machine": info, "batches": []}
     with tempfile.TemporaryDirectory(prefix="minimixer-bench-") as folder:
         onnx_path = None
         if any(e != "timm" for e in args.compare):

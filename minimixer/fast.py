@@ -616,7 +616,7 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
         dt = dh if c["mask2"] is None else (dh.reshape(B, N, D) * c["mask2"]).reshape(M, D)  # (M, D)
         g["mlp_channels.fc2.weight"] = dt.T @ c["a2"]  # (D, DC)
         g["mlp_channels.fc2.bias"] = dt.sum(axis=0)  # (D,)
-        da = xp.matmul(dt, p["mlp_channels.fc2.weight"])  # (M, DC)
+        da = xp.matmul(dt, p["mlp_channels.fc2.weight"], out=c.pop("a2"))  # (M, DC) in a2's memory, now unused
         da *= c["dg2"]  # (M, DC) through GELU
         y = c["n2"] * p["norm2.weight"]  # (M, D) the LayerNorm output, rebuilt
         y += p["norm2.bias"]  # (M, D)
@@ -632,7 +632,7 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
             dt3 = dt3 * c["mask1"]  # (B, N, D)
         g["mlp_tokens.fc2.weight"] = xp.matmul(dt3, c["a1"].transpose(0, 2, 1)).sum(axis=0)  # (N, DS)
         g["mlp_tokens.fc2.bias"] = dt3.sum(axis=(0, 2))  # (N,)
-        da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3)  # (B, DS, D)
+        da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3, out=c.pop("a1"))  # (B, DS, D) in a1's memory
         da *= c["dg1"]  # (B, DS, D) through GELU
         y = c["n1"] * p["norm1.weight"]  # (M, D) the LayerNorm output, rebuilt
         y += p["norm1.bias"]  # (M, D)
