@@ -456,20 +456,24 @@ def run_batch(args, cfg, params, batch_size, onnx_path):
     for name, step in steps.items():  # the rest of the warm-up: BLAS buffers, arenas, GPU kernels
         for _ in range(args.warmup - (name in outputs)):
             step()
-    times = {name: [] for name in steps}
+    times, cpu = {name: [] for name in steps}, {name: [] for name in steps}
     for r in range(args.repeats):  # alternate, so every engine sees the same machine conditions
         for name, step in steps.items():
+            start = time.process_time()  # CPU time of all this process's threads: robust to a busy machine
             times[name].append(timed(step)[0])
+            cpu[name].append(time.process_time() - start)
         print(f"  batch {batch_size} round {r + 1}: " + "  ".join(
             f"{n} {batch_size / times[n][-1]:.2f}" for n in steps) + " img/s", flush=True)
-    row = {"batch_size": batch_size, "img_per_s": {}, "seconds": times, "peak_working_mb": memory,
-           "logits_max_rel_diff": {}}
+    row = {"batch_size": batch_size, "img_per_s": {}, "seconds": times, "cpu_seconds": cpu,
+           "cpu_ms_per_img": {}, "peak_working_mb": memory, "logits_max_rel_diff": {}}
     for name in steps:
         row["img_per_s"][name] = batch_size / statistics.median(times[name])
+        row["cpu_ms_per_img"][name] = 1000 * statistics.median(cpu[name]) / batch_size
     ceilings = [v for n, v in row["img_per_s"].items() if n.startswith("gemm")]
     if ceilings:
         row["img_per_s"][CEILING] = max(ceilings)
         row["ceiling_fraction"] = row["img_per_s"]["minimixer"] / row["img_per_s"][CEILING]
+        row["cpu_ms_per_img"][CEILING] = min(v for n, v in row["cpu_ms_per_img"].items() if n.startswith("gemm"))
     row["ratio"] = {peer: row["img_per_s"]["minimixer"] / row["img_per_s"][peer] for peer in args.compare}
     ref = outputs["minimixer"].astype(np.float64)
     for peer in args.compare:  # the same logits (or, for training, the logits of the first step)
@@ -494,6 +498,11 @@ def table(args, rows):
         mem = [row["peak_working_mb"][e] for e in engines]
         cells += [" / ".join("?" if m is None else f"{m:.0f}" for m in mem)]
         lines.append("| " + " | ".join(cells) + " |")
+    names = engines + ([CEILING] if has_ceiling else [])
+    lines += ["", "CPU time per image, all threads (ms; waiting threads that spin count too):",
+              "| batch | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for row in rows:
+        lines.append(f"| {row['batch_size']} | " + " | ".join(f"{row['cpu_ms_per_img'][n]:.3g}" for n in names) + " |")
     return "\n".join(lines)
 
 
