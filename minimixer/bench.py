@@ -251,9 +251,8 @@ def openvino_side(onnx_path, x_np):
 
 def gemm_ceiling_sides(params, cfg, B):
     """The model's matmuls alone, in order, with its own weights and no elementwise work: what
-    no NumPy code can beat. Two schedules: the whole batch with BLAS's own threads, and each
-    core on its own part with single-threaded BLAS, as minimixer.fast splits the work: one
-    share of the batch per core, or, for fewer images than cores, a slice of every matmul."""
+    no NumPy code can beat. Two schedules: the whole batch with BLAS's own threads, and one
+    share of the batch per core with single-threaded BLAS (as minimixer.fast splits it)."""
     from . import fast
     N, D, dtype = cfg.num_patches, cfg.embed_dim, params["head.weight"].dtype
     patch = params["stem.proj.weight"].reshape(D, -1)  # (D, C·P·P)
@@ -282,36 +281,10 @@ def gemm_ceiling_sides(params, cfg, B):
         return np.matmul(buf["pooled"], params["head.weight"].T)  # (b, K)
 
     whole = buffers(B)
-    sides = {"gemm, BLAS threads": lambda: gemms(whole)}
-    parts = fast.num_threads()
-    if B >= parts or parts == 1:
-        spans = fast.split_batch(B)
-        shares = {a: buffers(b - a) for a, b in spans}
-        sides["gemm, share per core"] = lambda: fast.run_shares(lambda a, b: gemms(shares[a]), spans)
-        return sides
-    # fewer images than cores: a slice of every matmul per core, as fast.predict then runs it
-    d_cols, dc_cols = fast._even(D, parts), fast._even(cfg.channel_hidden, parts)
-    y2, out2 = whole["y"].reshape(B * N, D), whole["out"].reshape(B * N, D)
-    token_hid = [rng.standard_normal((B, cfg.token_hidden, b - a)).astype(dtype) for a, b in d_cols]
-    token_out = [np.empty((B, N, b - a), dtype) for a, b in d_cols]
-    hid = [rng.standard_normal((B * N, b - a)).astype(dtype) for a, b in dc_cols]
-    partial = np.empty((parts, B * N, D), dtype)
-
-    def slices(k):
-        cols, units = slice(*d_cols[k]), slice(*dc_cols[k])
-        np.matmul(whole["patches"], patch[cols].T, out=out2[:, cols])
-        for w1, w2, w3, w4 in blocks:
-            np.matmul(w1, whole["y"][:, :, cols], out=token_hid[k])  # (B, DS, D/parts)
-            np.matmul(w2, token_hid[k], out=token_out[k])  # (B, N, D/parts)
-            np.matmul(y2, w3[units].T, out=hid[k])  # (M, DC/parts)
-            np.matmul(hid[k], w4[:, units].T, out=partial[k])  # (M, D)
-
-    def split():
-        with fast._blas_single_thread():
-            fast._fork(slices, parts)
-        return np.matmul(whole["pooled"], params["head.weight"].T)  # (B, K)
-    sides["gemm, slice per core"] = split
-    return sides
+    spans = fast.split_batch(B)
+    shares = {a: buffers(b - a) for a, b in spans}
+    return {"gemm, BLAS threads": lambda: gemms(whole),
+            "gemm, share per core": lambda: fast.run_shares(lambda a, b: gemms(shares[a]), spans)}
 
 
 # --- measurements -------------------------------------------------------------------------------------

@@ -10,7 +10,10 @@ learn the math; read this to see where the time goes on a CPU, and why.
   activations of tens of MB through memory about twenty times.
 - So the batch is split into one share per core, each with single-threaded BLAS
   (run_shares): the GEMMs keep their speed and all the elementwise work runs in parallel
-  (NumPy ufuncs release the GIL).
+  (NumPy ufuncs release the GIL). With fewer images than cores (one image on two), BLAS's
+  own threads split each matmul instead, and the elementwise work stays in the calling
+  thread: on an idle machine that beats a split by hand (see bench's GEMM ceiling), though
+  BLAS's threads slow down sharply when other processes compete for the cores.
 - Elementwise work runs in place, in chunks of about L2 size, and GELU reuses its one
   exp: gelu(x) = relu(x) - |x|·q and gelu'(x) = Φ(x) + x·φ(x), with q = Φ(-|x|).
 - Token mixing is a left multiplication, W1 @ y per image, so nothing is transposed.
@@ -354,9 +357,14 @@ def predict(params, x, cfg):
     xp = get_xp(x)
     blocks = [{k[len(f"blocks.{i}."):]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
               for i in range(cfg.num_blocks)]
-    if xp is np and x.shape[0] < num_threads() and (limit := _blas_single_thread()) is not None:
-        with limit:  # fewer images than cores: split each matmul instead of the batch
-            return _predict_split(params, blocks, x, cfg)
+    if xp is np and x.shape[0] < num_threads():
+        # fewer images than cores: BLAS's own threads split each matmul; the elementwise work
+        # stays in this thread (handed to the pool between GEMMs, it fights BLAS's spinning threads)
+        _scratch.serial = True
+        try:
+            return _predict_share(params, blocks, x, cfg)
+        finally:
+            _scratch.serial = False
     spans = split_batch(x.shape[0]) if xp is np else [(0, x.shape[0])]
     logits = run_shares(lambda a, b: _predict_share(params, blocks, x[a:b], cfg), spans)
     return logits[0] if len(logits) == 1 else xp.concatenate(logits)
@@ -406,83 +414,6 @@ def _predict_share(params, blocks, x, cfg):
     layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
     pooled = y.reshape(B, N, D).mean(axis=1)  # (B, D)
     return pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
-
-
-def _fork(fn, parts):
-    """fn(k) for k in range(parts), one per thread (the caller takes k = 0), each thread's
-    elementwise work serial; BLAS is already single-threaded here."""
-    def serial(k):
-        _scratch.serial = True
-        try:
-            fn(k)
-        finally:
-            _scratch.serial = False
-    futures = [_executor().submit(serial, k) for k in range(1, parts)]
-    serial(0)
-    for f in futures:
-        f.result()
-
-
-def _even(n, parts, align=16):
-    """Bounds splitting range(n) into `parts` pieces, multiples of `align` where possible."""
-    align = align if n >= parts * align else 1
-    cuts = [min(n, (n * k // parts + align // 2) // align * align) for k in range(parts + 1)]
-    cuts[-1] = n
-    return [(a, b) for a, b in zip(cuts, cuts[1:])]
-
-
-def _predict_split(params, blocks, x, cfg):
-    """predict for fewer images than cores (one image on two): each core takes a slice of
-    every matmul, with single-threaded BLAS, and runs the GELU of its own slice right after.
-    Token mixing splits the D columns (each core owns its columns of the residual stream);
-    channel mixing splits the DC hidden units (each core packs only its half of the weights)
-    and sums the partial outputs. Cheaper than BLAS's own threads on one image: there is no
-    hand-off between BLAS threads and the elementwise work, and nothing spins."""
-    B, N, D, DC = x.shape[0], cfg.num_patches, cfg.embed_dim, cfg.channel_hidden
-    M = B * N
-    parts = num_threads()
-    d_cols, dc_cols = _even(D, parts), _even(DC, parts)
-    w = params["stem.proj.weight"].reshape(D, -1)
-    patches = patchify(x, cfg.patch_size).reshape(M, -1)  # (M, C·P·P)
-    h = np.empty((M, D), x.dtype)  # (M, D) residual stream
-    _fork(lambda k: np.matmul(patches, w[slice(*d_cols[k])].T, out=h[:, slice(*d_cols[k])]), parts)
-    h += params["stem.proj.bias"]
-    y = np.empty_like(h)  # (M, D) LayerNorm outputs
-    h3, y3 = h.reshape(B, N, D), y.reshape(B, N, D)
-    token_hid = [np.empty((cfg.token_hidden, b - a), x.dtype) for a, b in d_cols]  # (DS, D/parts)
-    token_out = [np.empty((N, b - a), x.dtype) for a, b in d_cols]  # (N, D/parts)
-    channel_hid = [np.empty((M, b - a), x.dtype) for a, b in dc_cols]  # (M, DC/parts)
-    partial = np.empty((parts, M, D), x.dtype)  # (parts, M, D) channel-MLP outputs, summed below
-    for p in blocks:
-        layernorm_(h, y, p["norm1.weight"], p["norm1.bias"], cfg.ln_eps)
-
-        def token_mixing(k):
-            cols = slice(*d_cols[k])
-            for j in range(B):
-                hid = np.matmul(p["mlp_tokens.fc1.weight"], y3[j, :, cols], out=token_hid[k])  # (DS, D/parts)
-                bias_gelu_(hid, p["mlp_tokens.fc1.bias"][:, None], cfg.gelu)
-                out = np.matmul(p["mlp_tokens.fc2.weight"], hid, out=token_out[k])  # (N, D/parts)
-                out += p["mlp_tokens.fc2.bias"][:, None]
-                h3[j, :, cols] += out
-        _fork(token_mixing, parts)
-        layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps)
-
-        def channel_mixing(k):
-            units = slice(*dc_cols[k])
-            hid = np.matmul(y, p["mlp_channels.fc1.weight"][units].T, out=channel_hid[k])  # (M, DC/parts)
-            bias_gelu_(hid, p["mlp_channels.fc1.bias"][units], cfg.gelu)
-            np.matmul(hid, p["mlp_channels.fc2.weight"][:, units].T, out=partial[k])  # (M, D)
-        _fork(channel_mixing, parts)
-        run_rows(_add_partials, h, p["mlp_channels.fc2.bias"], *partial)  # h += b2 + Σ partials
-    layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
-    pooled = y3.mean(axis=1)  # (B, D)
-    return pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)
-
-
-def _add_partials(h, bias, *partials):
-    h += bias
-    for part in partials:
-        h += part
 
 
 # --- training ------------------------------------------------------------------------------------

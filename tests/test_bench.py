@@ -58,7 +58,7 @@ def test_gemm_ceiling_runs_the_models_matmuls(monkeypatch):
         macs.append(out.size * a.shape[-1])  # each output element is a dot product of length k
         return out
     monkeypatch.setattr(np, "matmul", counting)
-    for B in (3, 1):  # batch shares, and slices of one image
+    for B in (3, 1):  # one share per core, and one image
         sides = bench.gemm_ceiling_sides(params, cfg, B)
         assert len(sides) == 2
         for name, side in sides.items():
