@@ -88,10 +88,12 @@ def test_missing_peer_names_the_extra(monkeypatch, capsys, engine):
 
 
 @pytest.mark.timm
-def test_bench_compare_timm(tmp_path):
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_bench_compare_timm(tmp_path, mode):
+    """Same weights and inputs on both sides (for training: the first step's logits, before any update)."""
     pytest.importorskip("timm")
     out = tmp_path / "b.json"
-    r = run_bench("infer", *TINY, "--batch-size", "4", "--repeats", "1", "--warmup", "1", "--compare", "timm",
+    r = run_bench(mode, *TINY, "--batch-size", "4", "--repeats", "1", "--warmup", "1", "--compare", "timm",
                   "--json", str(out))
     assert r.returncode == 0, r.stderr
     [row] = json.loads(out.read_text())["batches"]
