@@ -60,7 +60,8 @@ def engine_list(text):
     names = [v.strip() for v in text.split(",") if v.strip()]
     unknown = [n for n in names if n not in PEERS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown engine {', '.join(unknown) or repr(text)}; known: {', '.join(PEERS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown engine {', '.join(unknown) or repr(text)}; known: {', '.join(PEERS)}")
     return list(dict.fromkeys(names))
 
 
