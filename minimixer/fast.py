@@ -10,7 +10,10 @@ learn the math; read this to see where the time goes on a CPU, and why.
   activations of tens of MB through memory about twenty times.
 - So the batch is split into one share per core, each with single-threaded BLAS
   (run_shares): the GEMMs keep their speed and all the elementwise work runs in parallel
-  (NumPy ufuncs release the GIL).
+  (NumPy ufuncs release the GIL). With fewer images than cores (one image on two), BLAS's
+  own threads split each matmul instead, and the elementwise work stays in the calling
+  thread: on an idle machine that beats a split by hand (see bench's GEMM ceiling), though
+  BLAS's threads slow down sharply when other processes compete for the cores.
 - Elementwise work runs in place, in chunks of about L2 size, and GELU reuses its one
   exp: gelu(x) = relu(x) - |x|·q and gelu'(x) = Φ(x) + x·φ(x), with q = Φ(-|x|).
 - Token mixing is a left multiplication, W1 @ y per image, so nothing is transposed.
@@ -41,7 +44,8 @@ from .model import check_input
 
 # --- elementwise kernels: NumPy, chunked and threaded ----------------------------------------
 
-CHUNK_ELEMENTS = 1 << 17  # 512 KB of float32 per array: a chunk and its scratch stay near L2
+CHUNK_ELEMENTS = 1 << 16  # 256 KB of float32 per array: a chunk and its scratch fit in L2; smaller
+# chunks mean more ufunc calls, and each one hands the GIL between the shares' threads
 _pool = None
 _pool_lock = threading.Lock()
 _scratch = threading.local()
@@ -353,7 +357,7 @@ def run_shares(fn, spans):
 # --- inference -----------------------------------------------------------------------------------
 
 TOKEN_GROUP = 2  # images per token-mixing matmul batch
-CHANNEL_CHUNK_BYTES = 16 << 20  # channel-MLP hidden per chunk: big enough for full-speed GEMMs,
+CHANNEL_CHUNK_BYTES = 24 << 20  # channel-MLP hidden per chunk (2048 rows of B/16): big enough for full-speed GEMMs,
 # small enough to stay in a desktop L3 and well under timm's (B·N, DC) hidden and its GELU copy
 
 
@@ -365,6 +369,14 @@ def predict(params, x, cfg):
         return xp.zeros((0, cfg.num_classes), params["head.weight"].dtype)
     blocks = [{k[len(f"blocks.{i}."):]: v for k, v in params.items() if k.startswith(f"blocks.{i}.")}
               for i in range(cfg.num_blocks)]
+    if xp is np and x.shape[0] < num_threads():
+        # fewer images than cores: BLAS's own threads split each matmul; the elementwise work
+        # stays in this thread (handed to the pool between GEMMs, it fights BLAS's spinning threads)
+        _scratch.serial = True
+        try:
+            return _predict_share(params, blocks, x, cfg)
+        finally:
+            _scratch.serial = False
     spans = split_batch(x.shape[0]) if xp is np else [(0, x.shape[0])]
     logits = run_shares(lambda a, b: _predict_share(params, blocks, x[a:b], cfg), spans)
     return logits[0] if len(logits) == 1 else xp.concatenate(logits)
@@ -550,7 +562,7 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
         dt = dh if c["mask2"] is None else (dh.reshape(B, N, D) * c["mask2"]).reshape(M, D)  # (M, D)
         g["mlp_channels.fc2.weight"] = dt.T @ c["a2"]  # (D, DC)
         g["mlp_channels.fc2.bias"] = dt.sum(axis=0)  # (D,)
-        da = xp.matmul(dt, p["mlp_channels.fc2.weight"])  # (M, DC)
+        da = xp.matmul(dt, p["mlp_channels.fc2.weight"], out=c.pop("a2"))  # (M, DC) in a2's memory, now unused
         da *= c["dg2"]  # (M, DC) through GELU
         y = c["n2"] * p["norm2.weight"]  # (M, D) the LayerNorm output, rebuilt
         y += p["norm2.bias"]  # (M, D)
@@ -566,7 +578,7 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
             dt3 = dt3 * c["mask1"]  # (B, N, D)
         g["mlp_tokens.fc2.weight"] = xp.matmul(dt3, c["a1"].transpose(0, 2, 1)).sum(axis=0)  # (N, DS)
         g["mlp_tokens.fc2.bias"] = dt3.sum(axis=(0, 2))  # (N,)
-        da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3)  # (B, DS, D)
+        da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3, out=c.pop("a1"))  # (B, DS, D) in a1's memory
         da *= c["dg1"]  # (B, DS, D) through GELU
         y = c["n1"] * p["norm1.weight"]  # (M, D) the LayerNorm output, rebuilt
         y += p["norm1.bias"]  # (M, D)

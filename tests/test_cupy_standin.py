@@ -217,7 +217,7 @@ def run_bench(tmp_path, *args):
 @pytest.mark.parametrize("path", ["reference"])
 def test_bench_on_standin(fake, tmp_path, mode, path):
     result = run_bench(tmp_path, mode, "--path", path)
-    assert result["minimixer"]["img_per_s"] > 0 and result["machine"]["gpu"].startswith("fake_cupy")
+    assert result["batches"][0]["img_per_s"]["minimixer"] > 0 and result["machine"]["gpu"].startswith("fake_cupy")
     assert fake.stats.syncs >= 2  # each timed call waits for the device
 
 

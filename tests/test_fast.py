@@ -27,7 +27,7 @@ def setup(name, dtype, B, seed=0):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize("B", [1, 3, 8])
+@pytest.mark.parametrize("B", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
 def test_predict_equals_reference(monkeypatch, threads, B, dtype, tol):
     monkeypatch.setattr(fast, "num_threads", lambda: threads)
@@ -40,6 +40,16 @@ def test_predict_equals_reference(monkeypatch, threads, B, dtype, tol):
         got, ref = fast.predict(params, x, cfg), reference_predict(params, x, cfg)
         assert got.dtype == dtype
         assert_all_close([(f"fast predict {name}", got, ref)], tol)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_predict_equals_reference_batch_64(monkeypatch, threads):
+    """A large batch (default chunk sizes, so the chunk loops are the real ones), on a tiny model."""
+    monkeypatch.setattr(fast, "num_threads", lambda: threads)
+    for dtype, tol in [(np.float64, 1e-12), (np.float32, 2e-6)]:
+        cfg, params, x = setup("tiny-odd", dtype, 64, seed=threads)
+        assert_all_close([(f"fast predict {dtype.__name__}", fast.predict(params, x, cfg),
+                           reference_predict(params, x, cfg))], tol)
 
 
 def test_public_predict_is_the_fast_path():
@@ -61,6 +71,20 @@ def test_train_forward_backward_equal_reference(monkeypatch, name, regularize):
     assert_all_close([("logits", logits, ref_logits)], 1e-12)
     pairs = [("dx", dx, ref_dx)] + [(k, grads[k], ref_grads[k]) for k in params]
     assert_grads_close(pairs, 1e-10, zero_tol=1e-13)
+
+
+@pytest.mark.parametrize("B", [1, 2, 3, 64])
+def test_train_equals_reference_across_batch_sizes(monkeypatch, B):
+    """One share (B = 1), one image per share, uneven shares and a large batch, on a tiny model."""
+    monkeypatch.setattr(fast, "num_threads", lambda: 2)
+    cfg, params, x = setup("tiny-odd", np.float64, B, seed=B)
+    logits, cache = fast.forward(params, x, cfg, drop_path_rate=0.2, rng=np.random.default_rng(4))
+    ref_logits, ref_cache = mixer_forward(params, x, cfg, drop_path_rate=0.2, rng=np.random.default_rng(4))
+    dlogits = np.random.default_rng(2).standard_normal(logits.shape)
+    grads, dx = fast.backward(dlogits, cache, need_dx=True)
+    ref_dx, ref_grads = mixer_backward(dlogits, ref_cache)
+    assert_all_close([("logits", logits, ref_logits)], 1e-12)
+    assert_grads_close([("dx", dx, ref_dx)] + [(k, grads[k], ref_grads[k]) for k in params], 1e-10, zero_tol=1e-13)
 
 
 def test_train_float32_close_to_reference():
