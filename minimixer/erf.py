@@ -26,6 +26,9 @@ NUM_TERMS = 40
 # Abramowitz & Stegun, Handbook of Mathematical Functions, 7.1.26
 AS_P = 0.3275911
 AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
+# The fast paths' float32 GELU takes exp of nothing below this (exp(-80) ≈ 1.8e-35), so that no
+# activation is a denormal float: each denormal operand costs a matmul a microcode assist on x86
+TAIL_EXP_FLOOR = -80.0
 
 
 def erf(x):

@@ -16,6 +16,12 @@ learn the math; read this to see where the time goes on a CPU, and why.
   BLAS's threads slow down sharply when other processes compete for the cores.
 - Elementwise work runs in place, in chunks of about L2 size, and GELU reuses its one
   exp: gelu(x) = relu(x) - |x|·q and gelu'(x) = Φ(x) + x·φ(x), with q = Φ(-|x|).
+- Even so, NumPy makes one pass over memory per operation: about 17 for GELU. With the `fast`
+  extra (Numba) installed, GELU and LayerNorm run as fused one-loop kernels instead
+  (numba_kernels.py): GELU drops from about 2.6 to 0.5 ns per element, which is most of the
+  distance to the GEMM ceiling. Without it, the NumPy kernels below run.
+- No float32 GELU output is a denormal (see erf.TAIL_EXP_FLOOR): on x86 each denormal operand
+  costs the next matmul a microcode assist.
 - Token mixing is a left multiplication, W1 @ y per image, so nothing is transposed.
 - Inference runs the channel MLP over a thousand or so tokens at a time, so its (·, DC)
   hidden stays in L3 and the peak memory stays small.
@@ -87,22 +93,27 @@ def scratch(i, shape, dtype):
     return buf[:size].reshape(shape)
 
 
-def run_rows(kernel, *arrays):
-    """Call kernel(*slices) over row chunks of about CHUNK_ELEMENTS. Each thread takes one
-    contiguous share of the rows and walks it chunk by chunk (the calling thread takes the
-    first share), so there is one hand-off per thread, not per chunk. 2-d arrays (all with
-    the same number of rows) are sliced by rows; 1-d arrays (a bias along columns) and None
-    are passed whole."""
+def run_rows(kernel, *arrays, chunk=CHUNK_ELEMENTS):
+    """Call kernel(*slices) over row chunks of about `chunk` elements (None: no chunks, one call
+    per thread, for a one-pass kernel). Each thread takes one contiguous share of the rows and
+    walks it chunk by chunk (the calling thread takes the first share), so there is one hand-off
+    per thread, not per chunk. 2-d arrays (all with the same number of rows) are sliced by rows;
+    1-d arrays (a bias along columns) and None are passed whole."""
     rows = arrays[0].shape[0]
     width = max(1, math.prod(arrays[0].shape[1:]))
-    step = max(1, CHUNK_ELEMENTS // width)
+    step = rows if chunk is None else max(1, chunk // width)
 
     def walk(start, stop):
         for r in range(start, stop, step):
             e = min(r + step, stop)
             kernel(*[a[r:e] if a is not None and a.ndim >= 2 else a for a in arrays])
 
-    shares = 1 if getattr(_scratch, "serial", False) else min(num_threads(), -(-rows // step))
+    if getattr(_scratch, "serial", False) or rows == 0:
+        shares = 1
+    elif chunk is None:  # one share per thread, but not for a few rows: a hand-off costs ~20 µs
+        shares = min(num_threads(), max(1, rows * width // CHUNK_ELEMENTS))
+    else:
+        shares = min(num_threads(), -(-rows // step))
     if shares <= 1:
         walk(0, rows)
         return
@@ -111,6 +122,57 @@ def run_rows(kernel, *arrays):
     walk(bounds[0], bounds[1])
     for f in futures:
         f.result()
+
+
+# --- Numba's fused kernels, where installed (the `fast` extra) ---------------------------------------
+
+USE_NUMBA = True  # tests turn it off to check the NumPy kernels on a machine that has Numba
+_numba_module = []
+
+
+def numba_kernels(x):
+    """minimixer.numba_kernels if it can run on x (Numba installed, float32/float64 NumPy array), else None."""
+    if not USE_NUMBA or get_xp(x) is not np or x.dtype not in (np.float32, np.float64):
+        return None
+    if not _numba_module:
+        try:
+            from . import numba_kernels as nk
+        except ImportError:  # no Numba: the NumPy kernels below
+            nk = None
+        _numba_module.append(nk)
+    return _numba_module[0]
+
+
+def _run_bias_gelu(nk, x, bias, d=None):
+    """x <- gelu(x + bias) (and d <- gelu'(x + bias)) through Numba; bias (cols,), (rows, 1) or None."""
+    if bias is None:
+        bias = np.zeros(x.shape[1], x.dtype)
+    bias = np.asarray(bias, x.dtype)
+    per_row = bias.ndim == 2  # (rows, 1): sliced with x's rows
+    if d is None:
+        kernel = nk.BIAS_GELU[x.dtype]
+        run_rows(lambda xs, bs: kernel(xs, bs[:, 0] if per_row else bs, per_row), x, bias, chunk=None)
+    else:
+        kernel = nk.BIAS_GELU_GRAD[x.dtype]
+        run_rows(lambda xs, bs, ds: kernel(xs, bs[:, 0] if per_row else bs, per_row, ds), x, bias, d, chunk=None)
+
+
+def load_kernels(dtype=np.float32):
+    """Compile Numba's kernels for dtype now (or read them from Numba's cache), so that the first
+    forward pass does not pay for it: a few seconds the first time, ~0.3 s and ~90 MB of resident
+    LLVM later. A no-op without Numba."""
+    x = np.ones((2, 3), dtype)
+    if numba_kernels(x) is None:
+        return
+    b, d = np.ones(3, dtype), np.empty_like(x)
+    bias_gelu_(x, b)
+    bias_gelu_(x, b[:2, None])
+    bias_gelu_grad_(x, b, d)
+    bias_gelu_grad_(x, b[:2, None], d)
+    norm, rstd = np.empty_like(x), np.empty((2, 1), dtype)
+    layernorm_(x, d, b, b)
+    layernorm_(x, d, b, b, norm=norm, rstd=rstd)
+    layernorm_backward_(x, norm, rstd, b, d)
 
 
 # Abramowitz & Stegun 7.1.26 for q = Φ(-|x|) = 0.5·erfc(|x|/√2) = P(t)·exp(-x²/2),
@@ -132,6 +194,7 @@ def _phi_tail(x, a, t, q):
         q *= t
     np.multiply(x, x, out=t)
     t *= -0.5
+    np.maximum(t, erf_module.TAIL_EXP_FLOOR, out=t)  # no denormal activations (see erf.py)
     np.exp(t, out=t)
     q *= t
 
@@ -230,7 +293,10 @@ def bias_gelu_(x, bias=None, form="erf"):
     """x <- gelu(x + bias), in place; x is 2-d (rows, cols), bias is (cols,) or (rows, 1)
     (on CuPy, any shapes that broadcast: one kernel launch)."""
     xp = get_xp(x)
-    if xp is np:
+    nk = numba_kernels(x) if form == "erf" else None
+    if nk is not None:
+        _run_bias_gelu(nk, x, bias)
+    elif xp is np:
         run_rows(_gelu_rows if form == "erf" else _gelu_tanh_rows, x, bias)
     else:
         _cupy_kernel(xp, _GELU_KERNEL[form, False])(xp.zeros((), x.dtype) if bias is None else bias, x)
@@ -240,7 +306,10 @@ def bias_gelu_(x, bias=None, form="erf"):
 def bias_gelu_grad_(x, bias, d, form="erf"):
     """x <- gelu(x + bias), d <- gelu'(x + bias), in place."""
     xp = get_xp(x)
-    if xp is np:
+    nk = numba_kernels(x) if form == "erf" else None
+    if nk is not None:
+        _run_bias_gelu(nk, x, bias, d)
+    elif xp is np:
         run_rows(_gelu_grad_rows if form == "erf" else _gelu_tanh_grad_rows, x, bias, d)
     else:
         _cupy_kernel(xp, _GELU_KERNEL[form, True])(xp.zeros((), x.dtype) if bias is None else bias, x, d)
@@ -267,6 +336,11 @@ def layernorm_(x, out, w=None, b=None, eps=1e-6, norm=None, rstd=None):
     """out <- LayerNorm(x)·w + b over the last axis of 2-d x (no affine when w is None);
     optionally also the normalized x (norm) and rstd (rows, 1) for backward."""
     xp = get_xp(x)
+    nk = numba_kernels(x) if w is not None else None
+    if nk is not None:
+        eps = x.dtype.type(eps)
+        run_rows(lambda xs, os_, ns, rs: nk.layernorm(xs, os_, w, b, eps, ns, rs), x, out, norm, rstd, chunk=None)
+        return out
     if xp is np:
         run_rows(lambda xs, os_, ns, rs: _layernorm_rows(xs, os_, w, b, ns, rs, eps), x, out, norm, rstd)
         return out
@@ -298,6 +372,10 @@ def _layernorm_backward_rows(dout, norm, rstd, w, dx):
 def layernorm_backward_(dout, norm, rstd, w, dx):
     """dx <- LayerNorm backward from the normalized input and rstd (2-d, rows of D)."""
     xp = get_xp(dout)
+    nk = numba_kernels(dout)
+    if nk is not None:
+        run_rows(lambda d, n, r, o: nk.layernorm_backward(d, n, r, w, o), dout, norm, rstd, dx, chunk=None)
+        return dx
     if xp is np:
         run_rows(lambda d, n, r, o: _layernorm_backward_rows(d, n, r, w, o), dout, norm, rstd, dx)
         return dx
@@ -594,3 +672,4 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
     grads["stem.proj.bias"] = dh.sum(axis=0)  # (D,)
     grads_sum.update(grads)
     return unpatchify((dh @ w.reshape(D, -1)).reshape(B, N, -1), x_shape, cfg.patch_size) if need_dx else None
+

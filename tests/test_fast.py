@@ -8,6 +8,20 @@ from minimixer import fast, layers
 from minimixer.model import mixer_backward, mixer_forward
 from minimixer.model import predict as reference_predict
 
+
+
+@pytest.fixture(autouse=True, params=["numpy", pytest.param("numba", marks=pytest.mark.numba)])
+def kernels(request, monkeypatch):
+    """Every test here runs on the NumPy kernels, and (`pytest -m numba`, with the `fast` extra) on
+    Numba's fused kernels."""
+    if request.param == "numba":
+        import numba  # noqa: F401  (-m numba without Numba is an error, not a skip)
+        assert fast.numba_kernels(np.zeros(1, np.float32)) is not None
+    else:
+        monkeypatch.setattr(fast, "USE_NUMBA", False)
+    return request.param
+
+
 CONFIGS = {
     "tiny-odd": dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6),
     "small": dict(num_classes=11, img_size=(32, 48), in_chans=3, patch_size=8, num_blocks=3, embed_dim=20,
@@ -126,3 +140,30 @@ def test_layernorm_kernels():
     dout = rng.standard_normal(x.shape)
     ref_dx, _, _ = layers.layernorm_backward(dout, cache)
     assert_all_close([("layernorm dx", fast.layernorm_backward_(dout, norm, rstd, w, np.empty_like(x)), ref_dx)], 1e-12)
+
+
+def test_layernorm_and_gelu_keep_nan():
+    """A NaN in (weights allowed with --allow-nonfinite) is a NaN out, in both kernel sets."""
+    x = np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
+    x[2, 3] = np.nan
+    out = fast.layernorm_(x, np.empty_like(x), np.ones(16, np.float32), np.zeros(16, np.float32))
+    assert np.isnan(out[2]).all() and np.isfinite(np.delete(out, 2, axis=0)).all()
+    g = fast.bias_gelu_(x.copy(), np.zeros(16, np.float32))
+    assert np.isnan(g[2, 3]) and np.isfinite(g).sum() == g.size - 1
+    g, d = fast.bias_gelu_grad_(x.copy(), np.zeros(16, np.float32), np.empty_like(x))
+    assert np.isnan(g[2, 3]) and np.isnan(d[2, 3])
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_float32_gelu_never_makes_denormals(grad):
+    """A denormal activation slows the next matmul several-fold on x86: the float32 kernels cut the
+    tail below 1e-34 instead (an absolute error that small is far below float32's resolution)."""
+    x = np.linspace(-60, 60, 240001, dtype=np.float32).reshape(-1, 1)
+    if grad:
+        g, d = fast.bias_gelu_grad_(x.copy(), None, np.empty_like(x))
+    else:
+        g, d = fast.bias_gelu_(x.copy(), None), np.ones_like(x)
+    tiny = np.finfo(np.float32).tiny
+    for name, a in [("gelu", g), ("gelu'", d)]:
+        denormal = (a != 0) & (np.abs(a) < tiny)
+        assert not denormal.any(), f"{name}: {denormal.sum()} denormals, first at x = {x[denormal.ravel()][0]}"

@@ -95,6 +95,10 @@ except Exception as _error:  # noqa: BLE001
     return text
 
 
+# the fast path's fused kernels are the layers' passes again, written for speed: they give the answers away
+ANSWER_FILES = {"numba_kernels.py"}
+
+
 def _edition_files(with_selfcheck=True):
     """{relative path: bytes} of the student edition."""
     files = {}
@@ -104,7 +108,7 @@ def _edition_files(with_selfcheck=True):
         if os.path.relpath(root, PACKAGE).split(os.sep)[0] == "coursework":
             continue
         for n in sorted(names):
-            if n.endswith((".pyc", ".pyo")) or n.startswith("."):
+            if n.endswith((".pyc", ".pyo")) or n.startswith(".") or n in ANSWER_FILES:
                 continue
             with open(os.path.join(root, n), "rb") as f:
                 files[os.path.join(rel_root, n)] = f.read()

@@ -1,0 +1,171 @@
+"""Fused elementwise kernels for the fast path on the CPU, compiled by Numba (the `fast` extra).
+
+Why they exist: NumPy runs one operation per pass over memory, so the exact GELU costs about 17
+passes over every hidden activation (about 2.6 ns per float32 element) and LayerNorm about 8.
+Each kernel here is one loop: it loads a value once, does all the arithmetic in registers and
+stores the result, and LLVM vectorizes the loop. GELU drops to about 0.7 ns per element.
+
+The math is the math of layers.py and erf.py:
+- float32 GELU uses erf.py's Abramowitz & Stegun 7.1.26, in the form fast.py uses:
+  gelu(v) = relu(v) - |v|·q and gelu'(v) = Φ(v) + v·φ(v), with q = Φ(-|v|) = P(t)·exp(-v²/2).
+  exp is written out (Cody-Waite range reduction, a degree-7 Taylor polynomial; relative error
+  ≤ 3e-7, 2.5 float32 ulp), because LLVM cannot vectorize a call to libm's expf.
+- float64 (the precision tests check in) uses libm's erf and exp: exact.
+- fastmath allows reassociation (vectorized sums) and contraction (fused multiply-add), but not
+  'nnan' or 'ninf': a NaN or an infinity still comes out as one.
+
+fast.py calls these on row chunks from its worker threads; every kernel releases the GIL.
+Shape legend: R rows, C columns (a chunk of the (M, D) residual stream or of a hidden layer).
+"""
+import math
+
+import numpy as np
+from numba import njit
+
+from .erf import AS_A as _ERF_A, AS_P as _ERF_P, TAIL_EXP_FLOOR
+
+JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False,
+           fastmath={"reassoc", "contract", "nsz", "arcp"})
+
+# Φ(-a) = 0.5·erfc(a/√2) = P(t)·exp(-a²/2), t = 1/(1 + p·a/√2): erf.py's constants, rescaled
+F32 = np.float32
+P32 = F32(_ERF_P / math.sqrt(2.0))
+A1, A2, A3, A4, A5 = (F32(0.5 * a) for a in _ERF_A)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+LOG2E = F32(1.0 / math.log(2.0))
+LN2_HI, LN2_LO = F32(0.693359375), F32(math.log(2.0) - 0.693359375)  # ln 2 = HI + LO, HI exact in 10 bits
+
+
+EXP_FLOOR = F32(TAIL_EXP_FLOOR)  # exp(x) is 0 below it: see exp_nonpositive_f32
+
+
+@njit(**JIT)
+def exp_nonpositive_f32(x):
+    """exp(x) for float32 x ≤ 0, and 0 for x < -80 (exp(-80) ≈ 1.8e-35). The cut keeps every
+    result, and Φ(-|v|) = P(t)·exp(-v²/2) after it, a normal float: a denormal GELU output
+    would slow the next matmul several-fold on x86 (each denormal operand takes a microcode
+    assist), and what is cut is below 1e-34."""
+    y = max(x, EXP_FLOOR)
+    k = np.floor(y * LOG2E + F32(0.5))  # y = k·ln2 + r, |r| ≤ ln2/2 (np.floor stays float32)
+    r = y - k * LN2_HI - k * LN2_LO
+    p = F32(1 / 5040)
+    for c in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 1 / 2, 1.0, 1.0):
+        p = F32(c) + r * p
+    two_k = np.int32((k + F32(127)) * F32(1 << 23)).view(np.float32)  # 2^k from its exponent bits, in 32-bit lanes
+    return p * two_k if x >= EXP_FLOOR else F32(0.0)
+
+
+@njit(**JIT)
+def phi_tail_f32(a):
+    """q = Φ(-a) for float32 a ≥ 0 (A&S 7.1.26; |error| ≤ 0.75e-7)."""
+    t = F32(1.0) / (F32(1.0) + P32 * a)
+    return t * (A1 + t * (A2 + t * (A3 + t * (A4 + t * A5)))) * exp_nonpositive_f32(F32(-0.5) * a * a)
+
+
+@njit(**JIT)
+def gelu_f32(v):
+    a = abs(v)
+    return max(v, F32(0.0)) - a * phi_tail_f32(a)  # relu(v) - |v|·Φ(-|v|) = v·Φ(v) for either sign
+
+
+@njit(**JIT)
+def gelu_and_grad_f32(v):
+    a = abs(v)
+    q = phi_tail_f32(a)
+    cdf = q if v < 0 else F32(1.0) - q  # Φ(v)
+    pdf = exp_nonpositive_f32(F32(-0.5) * a * a) * F32(INV_SQRT_2PI)  # φ(v)
+    return v * cdf, cdf + v * pdf
+
+
+@njit(**JIT)
+def gelu_f64(v):
+    return v * 0.5 * (1.0 + math.erf(v * 0.7071067811865476))
+
+
+@njit(**JIT)
+def gelu_and_grad_f64(v):
+    cdf = 0.5 * (1.0 + math.erf(v * 0.7071067811865476))
+    return v * cdf, cdf + v * math.exp(-0.5 * v * v) * INV_SQRT_2PI
+
+
+def _bias_gelu_kernel(gelu):
+    """x <- gelu(x + bias) in place; bias is (C,), or (R,) with bias_per_row."""
+    @njit(**JIT)
+    def bias_gelu(x, bias, bias_per_row):  # x (R, C)
+        for i in range(x.shape[0]):
+            row = x[i]  # (C,)
+            if bias_per_row:
+                b = bias[i]
+                for j in range(row.shape[0]):
+                    row[j] = gelu(row[j] + b)
+            else:
+                for j in range(row.shape[0]):
+                    row[j] = gelu(row[j] + bias[j])
+    return bias_gelu
+
+
+def _bias_gelu_grad_kernel(gelu_and_grad):
+    """x <- gelu(x + bias) and d <- gelu'(x + bias), in place."""
+    @njit(**JIT)
+    def bias_gelu_grad(x, bias, bias_per_row, d):  # x, d (R, C)
+        for i in range(x.shape[0]):
+            row, drow = x[i], d[i]  # (C,), (C,)
+            if bias_per_row:
+                b = bias[i]
+                for j in range(row.shape[0]):
+                    row[j], drow[j] = gelu_and_grad(row[j] + b)
+            else:
+                for j in range(row.shape[0]):
+                    row[j], drow[j] = gelu_and_grad(row[j] + bias[j])
+    return bias_gelu_grad
+
+
+BIAS_GELU = {np.dtype(np.float32): _bias_gelu_kernel(gelu_f32), np.dtype(np.float64): _bias_gelu_kernel(gelu_f64)}
+BIAS_GELU_GRAD = {np.dtype(np.float32): _bias_gelu_grad_kernel(gelu_and_grad_f32),
+                  np.dtype(np.float64): _bias_gelu_grad_kernel(gelu_and_grad_f64)}
+
+
+@njit(**JIT)
+def layernorm(x, out, w, b, eps, norm, rstd):
+    """out <- (x - mean)·rstd·w + b per row; norm (R, C) and rstd (R, 1) too, unless None.
+    Two passes over each row (mean, then the centred variance), as layers.py computes it."""
+    for i in range(x.shape[0]):
+        row, orow = x[i], out[i]  # (C,), (C,)
+        n = row.shape[0]
+        total = row.dtype.type(0)
+        for j in range(n):
+            total += row[j]
+        mean = total / n
+        sq = row.dtype.type(0)
+        for j in range(n):
+            c = row[j] - mean
+            sq += c * c
+        r = 1 / np.sqrt(sq / n + eps)
+        if rstd is not None:
+            rstd[i, 0] = r
+        if norm is not None:
+            nrow = norm[i]  # (C,)
+            for j in range(n):
+                nrow[j] = (row[j] - mean) * r
+        for j in range(n):
+            orow[j] = (row[j] - mean) * r * w[j] + b[j]
+
+
+@njit(**JIT)
+def layernorm_backward(dout, norm, rstd, w, dx):
+    """dx <- (dn - mean(dn) - norm·mean(dn·norm))·rstd per row, dn = dout·w (dx may be dout)."""
+    for i in range(dout.shape[0]):
+        drow, nrow, xrow = dout[i], norm[i], dx[i]  # (C,) each
+        n = drow.shape[0]
+        c1 = drow.dtype.type(0)
+        c2 = drow.dtype.type(0)
+        for j in range(n):
+            dn = drow[j] * w[j]
+            c1 += dn
+            c2 += dn * nrow[j]
+        c1 /= n
+        c2 /= n
+        r = rstd[i, 0]
+        for j in range(n):
+            xrow[j] = (drow[j] * w[j] - c1 - nrow[j] * c2) * r
+
