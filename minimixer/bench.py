@@ -150,7 +150,7 @@ def minimixer_side(args, cfg, params_np, x_np, y_np):
             return out
         return step
     params = {k: v.copy() for k, v in params.items()}  # the steps update them in place
-    opt = optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+    opt = (fast.AdamW if args.path == "fast" else optim.AdamW)(params, lr=1e-4, weight_decay=0.05)
 
     def step():
         if args.path == "fast":

@@ -169,3 +169,18 @@ def layernorm_backward(dout, norm, rstd, w, dx):
         for j in range(n):
             xrow[j] = (drow[j] * w[j] - c1 - nrow[j] * c2) * r
 
+
+
+@njit(**JIT)
+def adamw_update(p, g, m, v, decay, beta1, beta2, step_size, sqrt_bias_correction2, eps):
+    """optim.AdamW.update in one pass over flat arrays (p, m, v in place), in the arrays' dtype:
+    m += (1-β1)(g - m); v = β2·v + (1-β2)·g²; p = p·decay - step_size·m / (√v / √(1-β2ᵗ) + eps)."""
+    t = p.dtype.type
+    decay, one_minus_beta1, beta2, one_minus_beta2 = t(decay), t(1.0 - beta1), t(beta2), t(1.0 - beta2)
+    step_size, sqrt_bias_correction2, eps = t(step_size), t(sqrt_bias_correction2), t(eps)
+    for i in range(p.shape[0]):
+        gi = g[i]
+        mi = m[i] + one_minus_beta1 * (gi - m[i])
+        vi = v[i] * beta2 + one_minus_beta2 * gi * gi
+        m[i], v[i] = mi, vi
+        p[i] = p[i] * decay - step_size * (mi / (np.sqrt(vi) / sqrt_bias_correction2 + eps))

@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from .backend import get_xp, to_backend, to_numpy
-from .fast import parallel_map
+from .threads import parallel_map
 
 
 def bias_and_norm(name):

@@ -27,7 +27,8 @@ from .config import MixerConfig, param_shapes
 from .layers import softmax_cross_entropy
 from .metrics import count_correct
 from . import distributed, fast
-from .optim import SCHEDULES, SGD, AdamW, bias_and_norm, clip_grad_norm, lr_at
+from .fast import AdamW  # optim.AdamW, each update one fused pass where Numba is installed
+from .optim import SCHEDULES, SGD, bias_and_norm, clip_grad_norm, lr_at
 from .checkpoints.safetensors_io import (atomic_target, atomic_write_bytes, check_state_dict, read_safetensors,
                                          save_weights)
 

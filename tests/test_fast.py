@@ -4,7 +4,7 @@ import pytest
 
 import minimixer as mm
 from helpers import assert_all_close, assert_grads_close
-from minimixer import fast, layers
+from minimixer import fast, layers, optim
 from minimixer.model import mixer_backward, mixer_forward
 from minimixer.model import predict as reference_predict
 
@@ -167,3 +167,24 @@ def test_float32_gelu_never_makes_denormals(grad):
     for name, a in [("gelu", g), ("gelu'", d)]:
         denormal = (a != 0) & (np.abs(a) < tiny)
         assert not denormal.any(), f"{name}: {denormal.sum()} denormals, first at x = {x[denormal.ravel()][0]}"
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-14), (np.float32, 2e-6)])
+def test_adamw_equals_the_clear_optimizer(dtype, tol):
+    """fast.AdamW (one fused pass per parameter with Numba) takes the clear optim.AdamW's steps:
+    weight decay on, and off for biases; a non-contiguous gradient takes the clear update."""
+    rng = np.random.default_rng(0)
+    shapes = {"blocks.0.mlp.fc1.weight": (37, 11), "blocks.0.mlp.fc1.bias": (37,), "head.weight": (5, 3)}
+    params = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+    ours, ref = ({k: v.copy() for k, v in params.items()} for _ in range(2))
+    kw = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1, no_decay=optim.bias_and_norm)
+    opt, ref_opt = fast.AdamW(ours, **kw), optim.AdamW(ref, **kw)
+    for step in range(6):
+        grads = {k: rng.standard_normal(s).astype(dtype) for k, s in shapes.items()}
+        if step == 3:
+            grads["head.weight"] = np.asfortranarray(grads["head.weight"])
+        opt.step({k: g.copy() for k, g in grads.items()})
+        ref_opt.step(grads)
+    assert_all_close([(f"AdamW {k}", ours[k], ref[k]) for k in params] +
+                     [(f"exp_avg_sq {k}", opt.state[k]["exp_avg_sq"], ref_opt.state[k]["exp_avg_sq"]) for k in params],
+                     tol)

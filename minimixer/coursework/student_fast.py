@@ -7,13 +7,15 @@ edition leaves it out, because it contains the answers. `python -m minimixer.eva
 """
 
 
+def __getattr__(name):
+    if name == "AdamW":  # the full minimixer fuses its update here; the student edition runs yours
+        from .optim import AdamW
+        return AdamW
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def num_threads():
     return 1
-
-
-def parallel_map(fn, items):
-    """fn over items, in order (the full minimixer spreads them over the cores)."""
-    return [fn(i) for i in items]
 
 
 def load_kernels(dtype=None):

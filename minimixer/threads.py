@@ -1,0 +1,34 @@
+"""The worker threads the CPU fast paths share (fast.py's row chunks and batch shares, optim's
+per-parameter updates). NumPy's ufuncs, BLAS and Numba's kernels release the GIL, so Python
+threads give real parallelism here."""
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_pool = None
+_pool_lock = threading.Lock()
+local = threading.local()  # per thread: `serial` (already inside a share: no more hand-offs), scratch buffers
+
+
+def num_threads():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def executor():
+    """The process's one pool, one worker per core, made on first use."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(num_threads(), thread_name_prefix="minimixer")
+        return _pool
+
+
+def parallel_map(fn, items):
+    """fn over items on the pool, for independent ufunc-heavy jobs (in order)."""
+    items = list(items)
+    if num_threads() == 1 or len(items) < 2 or getattr(local, "serial", False):
+        return [fn(i) for i in items]
+    return list(executor().map(fn, items))
