@@ -146,7 +146,9 @@ def load_kernels(dtype=np.float32):
     norm, rstd = np.empty_like(x), np.empty((2, 1), dtype)
     layernorm_(x, d, b, b)
     layernorm_(x, d, b, b, norm=norm, rstd=rstd)
-    layernorm_backward_(x, norm, rstd, b, d)
+    layernorm_backward_add_(x, norm, rstd, b, d)
+    multiply_and_sum_(d, x, 0)
+    multiply_and_sum_(d.reshape(1, 2, 3), x.reshape(1, 2, 3), (0, 2))
     AdamW({"w": b.copy()}).step({"w": b})
 
 
@@ -344,23 +346,55 @@ def _layernorm_backward_rows(dout, norm, rstd, w, dx):
     dn *= rstd
 
 
-def layernorm_backward_(dout, norm, rstd, w, dx):
-    """dx <- LayerNorm backward from the normalized input and rstd (2-d, rows of D)."""
+def layernorm_backward_add_(dout, norm, rstd, w, dh):
+    """dh += LayerNorm backward of dout (2-d, rows of D) from the normalized input and rstd;
+    returns the weight and bias gradients (D,), (D,). dout may be overwritten."""
     xp = get_xp(dout)
     nk = numba_kernels(dout)
-    if nk is not None:
-        run_rows(lambda d, n, r, o: nk.layernorm_backward(d, n, r, w, o), dout, norm, rstd, dx, chunk=None)
-        return dx
+    if nk is not None:  # one kernel; each thread sums its rows' weight and bias gradients apart
+        partials = []
+
+        def kernel(d, n, r, h):
+            dw, db = np.zeros(d.shape[1], d.dtype), np.zeros(d.shape[1], d.dtype)
+            nk.layernorm_backward_add(d, n, r, w, h, dw, db)
+            partials.append((dw, db))
+        run_rows(kernel, dout, norm, rstd, dh, chunk=None)
+        return sum(p[0] for p in partials), sum(p[1] for p in partials)
+    dw, db = (dout * norm).sum(axis=0), dout.sum(axis=0)
     if xp is np:
-        run_rows(lambda d, n, r, o: _layernorm_backward_rows(d, n, r, w, o), dout, norm, rstd, dx)
-        return dx
-    dn = xp.multiply(dout, w, out=dx)
-    c1 = dn.mean(axis=1, keepdims=True)
-    c2 = (dn * norm).mean(axis=1, keepdims=True)
-    dn -= c1
-    dn -= norm * c2
-    dn *= rstd
-    return dx
+        run_rows(lambda d, n, r: _layernorm_backward_rows(d, n, r, w, d), dout, norm, rstd)
+    else:
+        dn = xp.multiply(dout, w, out=dout)
+        c1 = dn.mean(axis=1, keepdims=True)
+        c2 = (dn * norm).mean(axis=1, keepdims=True)
+        dn -= c1
+        dn -= norm * c2
+        dn *= rstd
+    dh += dout
+    return dw, db
+
+
+def multiply_and_sum_(a, b, axis):
+    """a <- a·b in place, and returns a.sum(axis): the gradient through GELU (a·gelu') and its
+    bias's gradient. a is (R, C) with axis 0, or (B, R, C) with axis (0, 2)."""
+    nk = numba_kernels(a)
+    if nk is None or not (a.flags.c_contiguous and b.flags.c_contiguous):
+        a *= b
+        return a.sum(axis=axis)
+    if axis == 0:  # column sums: each thread sums its rows apart
+        partials = []
+
+        def kernel(a_rows, b_rows):
+            sums = np.zeros(a_rows.shape[1], a_rows.dtype)
+            nk.multiply_and_sum(a_rows, b_rows, sums, False)
+            partials.append(sums)
+        run_rows(kernel, a, b, chunk=None)
+        return sum(partials)
+    B, R, C = a.shape  # row sums of every image's (R, C), then summed over the images
+    row_sums = np.zeros((B * R, 1), a.dtype)
+    run_rows(lambda a_rows, b_rows, s: nk.multiply_and_sum(a_rows, b_rows, s[:, 0], True),
+             a.reshape(B * R, C), b.reshape(B * R, C), row_sums, chunk=None)
+    return row_sums.reshape(B, R).sum(axis=0)
 
 
 # --- data parallelism: one share of the batch per core ---------------------------------------------
@@ -606,9 +640,8 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
     if drop is not None:
         dpooled = dpooled * drop  # (B, D)
     dy = xp.repeat(dpooled[:, None, :] / N, N, axis=1).reshape(M, D)  # (M, D) mean-pool backward
-    grads["norm.weight"] = (dy * n).sum(axis=0)  # (D,)
-    grads["norm.bias"] = dy.sum(axis=0)  # (D,)
-    dh = layernorm_backward_(dy, n, r, params["norm.weight"], xp.empty_like(dy))  # (M, D)
+    dh = xp.zeros_like(dy)  # (M, D)
+    grads["norm.weight"], grads["norm.bias"] = layernorm_backward_add_(dy, n, r, params["norm.weight"], dh)  # (D,), (D,)
     for i in reversed(range(len(blocks))):
         c = blocks.pop()  # each block's cache is freed once its gradients are done
         p, g = c["p"], {}
@@ -617,15 +650,13 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
         g["mlp_channels.fc2.weight"] = dt.T @ c["a2"]  # (D, DC)
         g["mlp_channels.fc2.bias"] = dt.sum(axis=0)  # (D,)
         da = xp.matmul(dt, p["mlp_channels.fc2.weight"], out=c.pop("a2"))  # (M, DC) in a2's memory, now unused
-        da *= c["dg2"]  # (M, DC) through GELU
+        g["mlp_channels.fc1.bias"] = multiply_and_sum_(da, c["dg2"], 0)  # (DC,); da (M, DC) through GELU
         y = c["n2"] * p["norm2.weight"]  # (M, D) the LayerNorm output, rebuilt
         y += p["norm2.bias"]  # (M, D)
         g["mlp_channels.fc1.weight"] = da.T @ y  # (DC, D)
-        g["mlp_channels.fc1.bias"] = da.sum(axis=0)  # (DC,)
         dy = xp.matmul(da, p["mlp_channels.fc1.weight"])  # (M, D)
-        g["norm2.weight"] = (dy * c["n2"]).sum(axis=0)  # (D,)
-        g["norm2.bias"] = dy.sum(axis=0)  # (D,)
-        dh += layernorm_backward_(dy, c["n2"], c["r2"], p["norm2.weight"], dy)  # (M, D) plus the residual
+        # dh (M, D) += LayerNorm backward of dy: the residual branch joins the skip path
+        g["norm2.weight"], g["norm2.bias"] = layernorm_backward_add_(dy, c["n2"], c["r2"], p["norm2.weight"], dh)
         # token mixing
         dt3 = dh.reshape(B, N, D)  # (B, N, D)
         if c["mask1"] is not None:
@@ -633,15 +664,12 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
         g["mlp_tokens.fc2.weight"] = xp.matmul(dt3, c["a1"].transpose(0, 2, 1)).sum(axis=0)  # (N, DS)
         g["mlp_tokens.fc2.bias"] = dt3.sum(axis=(0, 2))  # (N,)
         da = xp.matmul(p["mlp_tokens.fc2.weight"].T, dt3, out=c.pop("a1"))  # (B, DS, D) in a1's memory
-        da *= c["dg1"]  # (B, DS, D) through GELU
+        g["mlp_tokens.fc1.bias"] = multiply_and_sum_(da, c["dg1"], (0, 2))  # (DS,); da (B, DS, D) through GELU
         y = c["n1"] * p["norm1.weight"]  # (M, D) the LayerNorm output, rebuilt
         y += p["norm1.bias"]  # (M, D)
         g["mlp_tokens.fc1.weight"] = xp.matmul(da, y.reshape(B, N, D).transpose(0, 2, 1)).sum(axis=0)  # (DS, N)
-        g["mlp_tokens.fc1.bias"] = da.sum(axis=(0, 2))  # (DS,)
         dy = xp.matmul(p["mlp_tokens.fc1.weight"].T, da).reshape(M, D)  # (M, D)
-        g["norm1.weight"] = (dy * c["n1"]).sum(axis=0)  # (D,)
-        g["norm1.bias"] = dy.sum(axis=0)  # (D,)
-        dh += layernorm_backward_(dy, c["n1"], c["r1"], p["norm1.weight"], dy)  # (M, D) plus the residual
+        g["norm1.weight"], g["norm1.bias"] = layernorm_backward_add_(dy, c["n1"], c["r1"], p["norm1.weight"], dh)
         grads_sum.update({f"blocks.{i}.{k}": v for k, v in g.items()})
     w = params["stem.proj.weight"]
     grads["stem.proj.weight"] = (dh.T @ patches).reshape(w.shape)  # (D, C, P, P)

@@ -56,25 +56,26 @@ def exp_nonpositive_f32(x):
 
 
 @njit(**JIT)
-def phi_tail_f32(a):
-    """q = Φ(-a) for float32 a ≥ 0 (A&S 7.1.26; |error| ≤ 0.75e-7)."""
+def phi_tail_f32(a, e):
+    """q = Φ(-a) for float32 a ≥ 0, given e = exp(-a²/2) (A&S 7.1.26; |error| ≤ 0.75e-7)."""
     t = F32(1.0) / (F32(1.0) + P32 * a)
-    return t * (A1 + t * (A2 + t * (A3 + t * (A4 + t * A5)))) * exp_nonpositive_f32(F32(-0.5) * a * a)
+    return t * (A1 + t * (A2 + t * (A3 + t * (A4 + t * A5)))) * e
 
 
 @njit(**JIT)
 def gelu_f32(v):
     a = abs(v)
-    return max(v, F32(0.0)) - a * phi_tail_f32(a)  # relu(v) - |v|·Φ(-|v|) = v·Φ(v) for either sign
+    q = phi_tail_f32(a, exp_nonpositive_f32(F32(-0.5) * a * a))
+    return max(v, F32(0.0)) - a * q  # relu(v) - |v|·Φ(-|v|) = v·Φ(v) for either sign
 
 
 @njit(**JIT)
 def gelu_and_grad_f32(v):
     a = abs(v)
-    q = phi_tail_f32(a)
+    e = exp_nonpositive_f32(F32(-0.5) * a * a)  # one exp for both: φ(v) = e/√(2π)
+    q = phi_tail_f32(a, e)
     cdf = q if v < 0 else F32(1.0) - q  # Φ(v)
-    pdf = exp_nonpositive_f32(F32(-0.5) * a * a) * F32(INV_SQRT_2PI)  # φ(v)
-    return v * cdf, cdf + v * pdf
+    return v * cdf, cdf + v * e * F32(INV_SQRT_2PI)
 
 
 @njit(**JIT)
@@ -152,23 +153,46 @@ def layernorm(x, out, w, b, eps, norm, rstd):
 
 
 @njit(**JIT)
-def layernorm_backward(dout, norm, rstd, w, dx):
-    """dx <- (dn - mean(dn) - norm·mean(dn·norm))·rstd per row, dn = dout·w (dx may be dout)."""
+def multiply_and_sum(a, b, sums, per_row):
+    """a <- a·b in place (R, C), and sums += its column sums (C,), or with per_row its row sums (R,):
+    the gradient through GELU and its bias's gradient in one pass."""
+    for i in range(a.shape[0]):
+        arow, brow = a[i], b[i]  # (C,), (C,)
+        if per_row:
+            total = sums.dtype.type(0)
+            for j in range(arow.shape[0]):
+                v = arow[j] * brow[j]
+                arow[j] = v
+                total += v
+            sums[i] += total
+        else:
+            for j in range(arow.shape[0]):
+                v = arow[j] * brow[j]
+                arow[j] = v
+                sums[j] += v
+
+
+@njit(**JIT)
+def layernorm_backward_add(dout, norm, rstd, w, dh, dw, db):
+    """dh += LayerNorm backward of dout (rows of C), and dw += Σ dout·norm, db += Σ dout over the rows:
+    the input, weight and bias gradients and the residual add in two passes over each row."""
     for i in range(dout.shape[0]):
-        drow, nrow, xrow = dout[i], norm[i], dx[i]  # (C,) each
+        drow, nrow, hrow = dout[i], norm[i], dh[i]  # (C,) each
         n = drow.shape[0]
         c1 = drow.dtype.type(0)
         c2 = drow.dtype.type(0)
         for j in range(n):
-            dn = drow[j] * w[j]
+            d, nj = drow[j], nrow[j]
+            dn = d * w[j]
             c1 += dn
-            c2 += dn * nrow[j]
+            c2 += dn * nj
+            dw[j] += d * nj
+            db[j] += d
         c1 /= n
         c2 /= n
         r = rstd[i, 0]
         for j in range(n):
-            xrow[j] = (drow[j] * w[j] - c1 - nrow[j] * c2) * r
-
+            hrow[j] += (drow[j] * w[j] - c1 - nrow[j] * c2) * r
 
 
 @njit(**JIT)

@@ -138,8 +138,25 @@ def test_layernorm_kernels():
     fast.layernorm_(x, out, w, b, 1e-6, norm=norm, rstd=rstd)
     assert_all_close([("layernorm", out, ref), ("rstd", rstd, cache[3])], 1e-13)
     dout = rng.standard_normal(x.shape)
-    ref_dx, _, _ = layers.layernorm_backward(dout, cache)
-    assert_all_close([("layernorm dx", fast.layernorm_backward_(dout, norm, rstd, w, np.empty_like(x)), ref_dx)], 1e-12)
+    ref_dx, ref_dw, ref_db = layers.layernorm_backward(dout, cache)
+    dh = rng.standard_normal(x.shape)  # the residual stream's gradient, which the LayerNorm's adds to
+    ref_dh = dh + ref_dx
+    dw, db = fast.layernorm_backward_add_(dout.copy(), norm, rstd, w, dh)
+    assert_all_close([("layernorm dh + dx", dh, ref_dh), ("layernorm dw", dw, ref_dw), ("layernorm db", db, ref_db)],
+                     1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_multiply_and_sum(monkeypatch, threads):
+    """a·b in place and the bias gradient's sums, with the rows split over threads (apart sums)."""
+    monkeypatch.setattr(fast, "num_threads", lambda: threads)
+    monkeypatch.setattr(fast, "CHUNK_ELEMENTS", 50)
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((2, 37, 23)), rng.standard_normal((2, 37, 23))
+    got_a, sums = a.copy(), fast.multiply_and_sum_(a[0].copy(), b[0], 0)
+    assert_all_close([("column sums", sums, (a[0] * b[0]).sum(axis=0))], 1e-13)
+    sums3 = fast.multiply_and_sum_(got_a, b, (0, 2))
+    assert_all_close([("a·b", got_a, a * b), ("row sums over images", sums3, (a * b).sum(axis=(0, 2)))], 1e-13)
 
 
 def test_layernorm_and_gelu_keep_nan():
