@@ -85,6 +85,9 @@ def parse_args(argv):
                    help="GPU: allow TF32 matmuls on both sides (default: off on both, whatever CUPY_TF32 says)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--settle", type=float, default=0.3, metavar="SECONDS",
+                   help="CPU: idle time before each timed call, so that no engine's spinning threads "
+                        "(OpenBLAS, OpenMP, ONNX Runtime) take cores from the next (default 0.3)")
     p.add_argument("--memory", action="store_true",
                    help="GPU: also measure peak working memory in fresh processes (on the CPU it is always measured)")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -95,6 +98,8 @@ def parse_args(argv):
     args.batch_size = args.batch_size or [batch]
     if args.repeats < 1 or args.warmup < 1:
         p.error("--repeats and --warmup must be >= 1 (the first call measures memory)")
+    if not 0 <= args.settle <= 60:
+        p.error(f"--settle must be between 0 and 60 seconds, got {args.settle}")
     if args.dtype == "float16" and (args.backend != "cupy" or args.mode != "infer"):
         p.error("--dtype float16 is for GPU inference (--backend cupy, infer)")
     onnx_peers = [e for e in args.compare if e != "timm"]
@@ -497,6 +502,8 @@ def run_batch(args, cfg, params, batch_size, onnx_path):
     times, cpu = {name: [] for name in steps}, {name: [] for name in steps}
     for r in range(args.repeats):  # alternate, so every engine sees the same machine conditions
         for name, step in steps.items():
+            if on_cpu and args.settle > 0:
+                time.sleep(args.settle)
             start = time.process_time()  # CPU time of all this process's threads: robust to a busy machine
             times[name].append(timed(step)[0])
             cpu[name].append(time.process_time() - start)
@@ -589,7 +596,8 @@ def main(argv=None):
         params = {k: v.astype(np.float16) for k, v in params.items()}
     what = "inference" if args.mode == "infer" else "train step (forward + backward + AdamW)"
     print(f"{args.model} {what}, {args.dtype}, backend {args.backend}, minimixer path {args.path}, "
-          f"{param_count(cfg) / 1e6:.1f}M params, {threads()} threads, medians of {args.repeats} alternating rounds")
+          f"{param_count(cfg) / 1e6:.1f}M params, {threads()} threads, medians of {args.repeats} alternating rounds"
+          + (f", {args.settle:g} s idle before each call" if args.backend == "numpy" and args.settle else ""))
     info = machine_info(args)
     print("BLAS: " + ", ".join(f"{b['internal_api']} {b['version']} ({b['architecture']} kernels)"
                                for b in info.get("blas", [])) + f"; CPU: {info['processor']}")
@@ -598,8 +606,8 @@ def main(argv=None):
         print("TF32 matmuls: minimixer " + ("on (2-D matmuls)" if tf32["minimixer"] else "off")
               + ("" if "timm" not in tf32 else ", timm " + ("on" if tf32["timm"] else "off")))
     result = {"model": args.model, "mode": args.mode, "dtype": args.dtype, "backend": args.backend,
-              "path": args.path, "repeats": args.repeats, "engines": ["minimixer", *args.compare],
-              "machine": info, "batches": []}
+              "path": args.path, "repeats": args.repeats, "settle_s": args.settle,
+              "engines": ["minimixer", *args.compare], "machine": info, "batches": []}
     with tempfile.TemporaryDirectory(prefix="minimixer-bench-") as folder:
         onnx_path = None
         if any(e != "timm" for e in args.compare):

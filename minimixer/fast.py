@@ -148,6 +148,8 @@ def load_kernels(dtype=np.float32):
     layernorm_(x, d, b, b, norm=norm, rstd=rstd)
     layernorm_backward_add_(x, norm, rstd, b, d)
     multiply_and_sum_(d, x, 0)
+    add_bias_residual_(d, x, b)
+    add_bias_residual_(d, x, b[:2, None])
     multiply_and_sum_(d.reshape(1, 2, 3), x.reshape(1, 2, 3), (0, 2))
     AdamW({"w": b.copy()}).step({"w": b})
 
@@ -291,6 +293,19 @@ def bias_gelu_grad_(x, bias, d, form="erf"):
     else:
         _cupy_kernel(xp, _GELU_KERNEL[form, True])(xp.zeros((), x.dtype) if bias is None else bias, x, d)
     return x, d
+
+
+def add_bias_residual_(h, out, bias):
+    """h += out + bias in place; bias (cols,) or (rows, 1) for 2-d h (on CuPy, any shapes that broadcast)."""
+    nk = numba_kernels(h)
+    if nk is not None and h.ndim == 2 and out.dtype == h.dtype and bias.dtype == h.dtype:
+        per_row = bias.ndim == 2
+        run_rows(lambda hs, os_, bs: nk.add_bias_residual(hs, os_, bs[:, 0] if per_row else bs, per_row),
+                 h, out, bias, chunk=None)
+        return h
+    h += out
+    h += bias
+    return h
 
 
 def _layernorm_rows(x, out, w, b, norm, rstd_out, eps):
@@ -502,18 +517,20 @@ def _predict_share(params, blocks, x, cfg):
             else:  # one kernel launch for the whole batch (the kernel broadcasts the (DS, 1) bias)
                 bias_gelu_(hid, b1, cfg.gelu)
             out = xp.matmul(w2, hid, out=token_out[:k])  # (k, N, D)
-            out += b2
-            h3[g:g + k] += out
+            if on_cpu:
+                for j in range(k):
+                    add_bias_residual_(h3[g + j], out[j], b2)  # (N, D) += (N, D) + (N, 1)
+            else:
+                add_bias_residual_(h3[g:g + k], out, b2)
         # channel mixing: h += W2 gelu(W1 LN(h) + b1) + b2, a chunk of rows at a time
         layernorm_(h, y, p["norm2.weight"], p["norm2.bias"], cfg.ln_eps)
         w1, b1 = p["mlp_channels.fc1.weight"], p["mlp_channels.fc1.bias"]
         w2, b2 = p["mlp_channels.fc2.weight"], p["mlp_channels.fc2.bias"]
-        h += b2  # (M, D)
         for r in range(0, M, rows):
             k = min(rows, M - r)
             hid = xp.matmul(y[r:r + k], w1.T, out=channel_hid[:k])  # (k, DC)
             bias_gelu_(hid, b1, cfg.gelu)
-            h[r:r + k] += xp.matmul(hid, w2.T, out=channel_out[:k])  # (k, D)
+            add_bias_residual_(h[r:r + k], xp.matmul(hid, w2.T, out=channel_out[:k]), b2)  # (k, D)
     layernorm_(h, y, params["norm.weight"], params["norm.bias"], cfg.ln_eps)
     pooled = y.reshape(B, N, D).mean(axis=1)  # (B, D)
     return pooled @ params["head.weight"].T + params["head.bias"]  # (B, K)

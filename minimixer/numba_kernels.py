@@ -127,6 +127,20 @@ BIAS_GELU_GRAD = {np.dtype(np.float32): _bias_gelu_grad_kernel(gelu_and_grad_f32
 
 
 @njit(**JIT)
+def add_bias_residual(h, out, bias, bias_per_row):
+    """h += out + bias in place (R, C): a branch's output and its last bias join the residual stream."""
+    for i in range(h.shape[0]):
+        hrow, orow = h[i], out[i]  # (C,), (C,)
+        if bias_per_row:
+            b = bias[i]
+            for j in range(hrow.shape[0]):
+                hrow[j] += orow[j] + b
+        else:
+            for j in range(hrow.shape[0]):
+                hrow[j] += orow[j] + bias[j]
+
+
+@njit(**JIT)
 def layernorm(x, out, w, b, eps, norm, rstd):
     """out <- (x - mean)·rstd·w + b per row; norm (R, C) and rstd (R, 1) too, unless None.
     Two passes over each row (mean, then the centred variance), as layers.py computes it."""

@@ -19,9 +19,10 @@ def run_bench(*args):
 def test_bench_writes_json(tmp_path, mode):
     out = tmp_path / "b.json"
     r = run_bench(mode, "--model", "mixer_digits", "--batch-size", "8", "--repeats", "2", "--warmup", "1",
-                  "--json", str(out))
+                  "--settle", "0.05", "--json", str(out))
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
+    assert result["settle_s"] == 0.05 and "0.05 s idle before each call" in r.stdout
     [row] = result["batches"]
     assert result["mode"] == mode and row["batch_size"] == 8 and len(row["seconds"]["minimixer"]) == 2
     assert row["img_per_s"]["minimixer"] > 0 and row["peak_working_mb"]["minimixer"] >= 0
@@ -73,7 +74,9 @@ def test_bench_bad_arguments():
                           (["infer", "--batch-size", "4,x"], "comma-separated integers"),
                           (["infer", "--compare", "tensorrt"], "unknown engine tensorrt"),
                           (["train", "--compare", "onnxruntime"], "is for CPU float32 inference"),
-                          (["infer", "--plot", "out.svg"], "needs a .png")]:
+                          (["infer", "--plot", "out.svg"], "needs a .png"),
+                          (["infer", "--settle", "-1"], "--settle must be between 0 and 60"),
+                          (["infer", "--settle", "nan"], "--settle must be between 0 and 60")]:
         r = run_bench(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
