@@ -1,4 +1,6 @@
 """The fast path (minimixer/fast.py) computes what the clear path (model.py) computes."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -205,3 +207,17 @@ def test_adamw_equals_the_clear_optimizer(dtype, tol):
     assert_all_close([(f"AdamW {k}", ours[k], ref[k]) for k in params] +
                      [(f"exp_avg_sq {k}", opt.state[k]["exp_avg_sq"], ref_opt.state[k]["exp_avg_sq"]) for k in params],
                      tol)
+
+
+def test_numba_that_cannot_run_falls_back_in_one_line(monkeypatch, capsys):
+    """Numba installed but unusable (say, built for another NumPy): one line on stderr, then the
+    NumPy kernels, whose results are the same."""
+    monkeypatch.setattr(fast, "_numba_module", [])
+    monkeypatch.setattr(fast, "USE_NUMBA", True)
+    monkeypatch.setitem(sys.modules, "minimixer.numba_kernels", None)  # its import fails
+    monkeypatch.delattr(mm, "numba_kernels", raising=False)  # (already imported: not found on the package either)
+    x = np.linspace(-3, 3, 12).reshape(3, 4)
+    assert fast.numba_kernels(x) is None
+    assert_all_close([("gelu", fast.bias_gelu_(x.copy(), np.zeros(4)), layers.gelu_forward(x)[0])], 1e-14)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Numba is installed but cannot run" in err and "NumPy kernels" in err, err
