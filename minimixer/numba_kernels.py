@@ -144,18 +144,20 @@ def add_bias_residual(h, out, bias, bias_per_row):
 def layernorm(x, out, w, b, eps, norm, rstd):
     """out <- (x - mean)·rstd·w + b per row; norm (R, C) and rstd (R, 1) too, unless None.
     Two passes over each row (mean, then the centred variance), as layers.py computes it."""
+    t = x.dtype.type  # every constant in x's dtype: a Python int or float would make it float64
+    n = x.shape[1]
+    inv_n = t(1) / t(n)
     for i in range(x.shape[0]):
         row, orow = x[i], out[i]  # (C,), (C,)
-        n = row.shape[0]
-        total = row.dtype.type(0)
+        total = t(0)
         for j in range(n):
             total += row[j]
-        mean = total / n
-        sq = row.dtype.type(0)
+        mean = total * inv_n
+        sq = t(0)
         for j in range(n):
             c = row[j] - mean
             sq += c * c
-        r = 1 / np.sqrt(sq / n + eps)
+        r = t(1) / np.sqrt(sq * inv_n + eps)
         if rstd is not None:
             rstd[i, 0] = r
         if norm is not None:
@@ -190,11 +192,13 @@ def multiply_and_sum(a, b, sums, per_row):
 def layernorm_backward_add(dout, norm, rstd, w, dh, dw, db):
     """dh += LayerNorm backward of dout (rows of C), and dw += Σ dout·norm, db += Σ dout over the rows:
     the input, weight and bias gradients and the residual add in two passes over each row."""
+    t = dout.dtype.type  # every constant in dout's dtype (see layernorm)
+    n = dout.shape[1]
+    inv_n = t(1) / t(n)
     for i in range(dout.shape[0]):
         drow, nrow, hrow = dout[i], norm[i], dh[i]  # (C,) each
-        n = drow.shape[0]
-        c1 = drow.dtype.type(0)
-        c2 = drow.dtype.type(0)
+        c1 = t(0)
+        c2 = t(0)
         for j in range(n):
             d, nj = drow[j], nrow[j]
             dn = d * w[j]
@@ -202,8 +206,8 @@ def layernorm_backward_add(dout, norm, rstd, w, dh, dw, db):
             c2 += dn * nj
             dw[j] += d * nj
             db[j] += d
-        c1 /= n
-        c2 /= n
+        c1 *= inv_n
+        c2 *= inv_n
         r = rstd[i, 0]
         for j in range(n):
             hrow[j] += (drow[j] * w[j] - c1 - nrow[j] * c2) * r
