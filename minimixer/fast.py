@@ -34,6 +34,7 @@ On CuPy arrays the same functions run with cupy's ops, and GELU is one fused ker
 
 Shape legend: B batch, N tokens, D channels, DS/DC token/channel hidden, M = B·N rows, K classes.
 """
+import importlib.util
 import math
 import sys
 import threading
@@ -102,7 +103,8 @@ def run_rows(kernel, *arrays, chunk=CHUNK_ELEMENTS):
 # --- Numba's fused kernels, where installed (the `fast` extra) ---------------------------------------
 
 USE_NUMBA = True  # tests turn it off to check the NumPy kernels on a machine that has Numba
-_numba_module = []
+_numba_module = []  # [the module or None], once imported
+_numba_lock = threading.Lock()
 
 
 def numba_kernels(x):
@@ -110,18 +112,24 @@ def numba_kernels(x):
     if not USE_NUMBA or get_xp(x) is not np or x.dtype not in (np.float32, np.float64):
         return None
     if not _numba_module:
-        try:
-            from . import numba_kernels as nk
-        except ImportError as e:  # no Numba (the NumPy kernels below), or one that cannot run here
-            nk = None
-            if getattr(e, "name", None) != "numba":
-                print(f"minimixer: Numba is installed but cannot run ({e}); using the NumPy kernels", file=sys.stderr)
-        except Exception as e:  # noqa: BLE001  (e.g. no writable folder for Numba's cache)
-            nk = None
-            print(f"minimixer: Numba's kernels did not compile ({type(e).__name__}: {e}); using the NumPy kernels",
-                  file=sys.stderr)
-        _numba_module.append(nk)
+        with _numba_lock:  # the shares' threads get here together on the first call: import once
+            if not _numba_module:
+                _numba_module.append(_import_numba_kernels())
     return _numba_module[0]
+
+
+def _import_numba_kernels():
+    if importlib.util.find_spec("numba") is None:  # not installed: the NumPy kernels below, silently
+        return None
+    try:
+        from . import numba_kernels
+        return numba_kernels
+    except ImportError as e:  # e.g. a Numba built for another NumPy
+        print(f"minimixer: Numba is installed but cannot run ({e}); using the NumPy kernels", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001  (e.g. no writable folder for Numba's cache)
+        print(f"minimixer: Numba's kernels did not compile ({type(e).__name__}: {e}); using the NumPy kernels",
+              file=sys.stderr)
+    return None
 
 
 def _run_bias_gelu(nk, x, bias, d=None):

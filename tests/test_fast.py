@@ -1,5 +1,7 @@
 """The fast path (minimixer/fast.py) computes what the clear path (model.py) computes."""
+import importlib.util
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -214,6 +216,8 @@ def test_numba_that_cannot_run_falls_back_in_one_line(monkeypatch, capsys):
     NumPy kernels, whose results are the same."""
     monkeypatch.setattr(fast, "_numba_module", [])
     monkeypatch.setattr(fast, "USE_NUMBA", True)
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "numba" else find_spec(name, *a))
     monkeypatch.setitem(sys.modules, "minimixer.numba_kernels", None)  # its import fails
     monkeypatch.delattr(mm, "numba_kernels", raising=False)  # (already imported: not found on the package either)
     x = np.linspace(-3, 3, 12).reshape(3, 4)
@@ -221,3 +225,25 @@ def test_numba_that_cannot_run_falls_back_in_one_line(monkeypatch, capsys):
     assert_all_close([("gelu", fast.bias_gelu_(x.copy(), np.zeros(4)), layers.gelu_forward(x)[0])], 1e-14)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Numba is installed but cannot run" in err and "NumPy kernels" in err, err
+
+
+def test_first_call_from_many_threads_imports_once(monkeypatch, capsys):
+    """The batch shares' threads all reach the kernels' first import together: one import, one
+    answer for all of them, and nothing on stderr (CI once caught a thread seeing the other's
+    half-done import)."""
+    monkeypatch.setattr(fast, "_numba_module", [])
+    monkeypatch.setattr(fast, "USE_NUMBA", True)
+    monkeypatch.delitem(sys.modules, "minimixer.numba_kernels", raising=False)
+    monkeypatch.delattr(mm, "numba_kernels", raising=False)
+    start, got = threading.Barrier(8), []
+
+    def first_call():
+        start.wait()
+        got.append(fast.numba_kernels(np.zeros(1, np.float32)))
+    workers = [threading.Thread(target=first_call) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert len(got) == 8 and all(g is got[0] for g in got) and len(fast._numba_module) == 1
+    assert capsys.readouterr().err == ""
