@@ -140,8 +140,11 @@ def clip_grad_norm(grads, max_norm):
     """Scale all gradients in place so their global L2 norm is at most max_norm
     (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
     xp = get_xp(*grads.values())
-    if xp is np:  # one thread per tensor; fsum rounds exactly, so the dict's order cannot matter (MPI ranks agree)
-        total = math.sqrt(math.fsum(parallel_map(lambda g: float(np.vdot(g.ravel(), g.ravel())), grads.values())))
+    if xp is np:  # one thread per tensor; fsum rounds exactly, so the dict's order cannot matter (MPI ranks agree).
+        # einsum, not vdot: BLAS's dot splits a long vector over its threads, so its rounding would depend on
+        # the thread count, and one process would not take the same steps as MPI ranks bound to one core each
+        total = math.sqrt(math.fsum(parallel_map(lambda g: float(np.einsum("i,i->", g.ravel(), g.ravel())),
+                                                 grads.values())))
     else:  # on the GPU's stream, from this thread, in one fixed order: one sync to read the total
         squares = [xp.vdot(grads[k].ravel(), grads[k].ravel()) for k in sorted(grads)]
         total = math.sqrt(float(xp.stack(squares).sum()))

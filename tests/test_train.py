@@ -115,6 +115,20 @@ def test_clip_grad_norm():
     assert small["a"][0] == 0.3  # under the limit: untouched
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_clip_grad_norm_does_not_depend_on_blas_threads(dtype):
+    """The norm is bit-identical whatever BLAS's thread count: one process (BLAS on both cores)
+    and MPI ranks bound to one core each must clip alike (BLAS's dot rounds by thread count)."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(0)
+    grads = {"w": rng.standard_normal((1024, 1025)).astype(dtype), "b": rng.standard_normal(70001).astype(dtype)}
+    totals = set()
+    for threads in (1, 2, 4):
+        with threadpoolctl.threadpool_limits(threads, user_api="blas"):
+            totals.add(optim.clip_grad_norm({k: g.copy() for k, g in grads.items()}, 1.0))
+    assert len(totals) == 1, f"norms by BLAS thread count: {sorted(totals)}"
+
+
 def test_weight_decay_exemptions_and_state_dict_roundtrip():
     params = {"blocks.0.norm1.weight": np.ones(3), "blocks.0.mlp_tokens.fc1.weight": np.ones(3),
               "head.bias": np.ones(3), "norm.weight": np.ones(3)}
