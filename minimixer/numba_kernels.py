@@ -3,7 +3,10 @@
 Why they exist: NumPy runs one operation per pass over memory, so the exact GELU costs about 17
 passes over every hidden activation (about 2.6 ns per float32 element) and LayerNorm about 8.
 Each kernel here is one loop: it loads a value once, does all the arithmetic in registers and
-stores the result, and LLVM vectorizes the loop. GELU drops to about 0.7 ns per element.
+stores the result, and LLVM vectorizes the loop (8 float32 lanes). GELU drops to about 0.5 ns
+per element in cache (1.6 ns on a chunk that has left L2), LayerNorm to 0.3, and AdamW makes one
+pass over each parameter and its moments instead of about ten. Every constant is written in the
+arrays' dtype: one Python int or float in a float32 loop makes it compute in float64, at half speed.
 
 The math is the math of layers.py and erf.py:
 - float32 GELU uses erf.py's Abramowitz & Stegun 7.1.26, in the form fast.py uses:
