@@ -145,7 +145,7 @@ def minimixer_side(args, cfg, params_np, x_np, y_np):
         set_cupy_tf32(xp, args.tf32)
     sync = (lambda: xp.cuda.Device().synchronize()) if backend == "cupy" else (lambda: None)
     if backend == "numpy" and args.path == "fast":
-        fast.load_kernels(params["head.weight"].dtype)  # set-up, as the peers' sessions are: not in the first call's memory
+        fast.load_kernels(params["head.weight"].dtype)  # set-up, as the peers' sessions are (not first-call memory)
     if args.mode == "infer":
         run_predict = fast.predict if args.path == "fast" else model.predict
 

@@ -673,8 +673,8 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
     if drop is not None:
         dpooled = dpooled * drop  # (B, D)
     dy = xp.repeat(dpooled[:, None, :] / N, N, axis=1).reshape(M, D)  # (M, D) mean-pool backward
-    dh = xp.zeros_like(dy)  # (M, D)
-    grads["norm.weight"], grads["norm.bias"] = layernorm_backward_add_(dy, n, r, params["norm.weight"], dh)  # (D,), (D,)
+    dh = xp.zeros_like(dy)  # (M, D), and the final LayerNorm's weight and bias gradients (D,), (D,)
+    grads["norm.weight"], grads["norm.bias"] = layernorm_backward_add_(dy, n, r, params["norm.weight"], dh)
     for i in reversed(range(len(blocks))):
         c = blocks.pop()  # each block's cache is freed once its gradients are done
         p, g = c["p"], {}
@@ -709,7 +709,6 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
     grads["stem.proj.bias"] = dh.sum(axis=0)  # (D,)
     grads_sum.update(grads)
     return unpatchify((dh @ w.reshape(D, -1)).reshape(B, N, -1), x_shape, cfg.patch_size) if need_dx else None
-
 
 
 # --- the optimizer -------------------------------------------------------------------------------

@@ -37,17 +37,14 @@ A1, A2, A3, A4, A5 = (F32(0.5 * a) for a in _ERF_A)
 INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 LOG2E = F32(1.0 / math.log(2.0))
 LN2_HI, LN2_LO = F32(0.693359375), F32(math.log(2.0) - 0.693359375)  # ln 2 = HI + LO, HI exact in 10 bits
-
-
 EXP_FLOOR = F32(TAIL_EXP_FLOOR)  # exp(x) is 0 below it: see exp_nonpositive_f32
 
 
 @njit(**JIT)
 def exp_nonpositive_f32(x):
     """exp(x) for float32 x ≤ 0, and 0 for x < -80 (exp(-80) ≈ 1.8e-35). The cut keeps every
-    result, and Φ(-|v|) = P(t)·exp(-v²/2) after it, a normal float: a denormal GELU output
-    would slow the next matmul several-fold on x86 (each denormal operand takes a microcode
-    assist), and what is cut is below 1e-34."""
+    result, and Φ(-|v|) = P(t)·exp(-v²/2) after it, a normal float: on x86 a denormal GELU
+    output can cost the next matmul a microcode assist per operand, and what is cut is below 1e-34."""
     y = max(x, EXP_FLOOR)
     k = np.floor(y * LOG2E + F32(0.5))  # y = k·ln2 + r, |r| ≤ ln2/2 (np.floor stays float32)
     r = y - k * LN2_HI - k * LN2_LO

@@ -217,7 +217,8 @@ def test_numba_that_cannot_run_falls_back_in_one_line(monkeypatch, capsys):
     monkeypatch.setattr(fast, "_numba_module", [])
     monkeypatch.setattr(fast, "USE_NUMBA", True)
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "numba" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "numba" else find_spec(name, *a))
     monkeypatch.setitem(sys.modules, "minimixer.numba_kernels", None)  # its import fails
     monkeypatch.delattr(mm, "numba_kernels", raising=False)  # (already imported: not found on the package either)
     x = np.linspace(-3, 3, 12).reshape(3, 4)
