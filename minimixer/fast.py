@@ -382,15 +382,10 @@ def layernorm_backward_add_(dout, norm, rstd, w, dh):
     returns the weight and bias gradients (D,), (D,). dout may be overwritten."""
     xp = get_xp(dout)
     nk = numba_kernels(dout)
-    if nk is not None:  # one kernel; each thread sums its rows' weight and bias gradients apart
-        partials = []
-
-        def kernel(d, n, r, h):
-            dw, db = np.zeros(d.shape[1], d.dtype), np.zeros(d.shape[1], d.dtype)
-            nk.layernorm_backward_add(d, n, r, w, h, dw, db)
-            partials.append((dw, db))
-        run_rows(kernel, dout, norm, rstd, dh, chunk=None)
-        return sum(p[0] for p in partials), sum(p[1] for p in partials)
+    if nk is not None:  # one kernel, which also sums the weight and bias gradients
+        D = dout.shape[1]
+        return _sums_over_threads(lambda d, n, r, h, dw, db: nk.layernorm_backward_add(d, n, r, w, h, dw, db),
+                                  (D, D), dout, norm, rstd, dh)
     dw, db = (dout * norm).sum(axis=0), dout.sum(axis=0)
     if xp is np:
         run_rows(lambda d, n, r: _layernorm_backward_rows(d, n, r, w, d), dout, norm, rstd)
@@ -405,6 +400,20 @@ def layernorm_backward_add_(dout, norm, rstd, w, dh):
     return dw, db
 
 
+def _sums_over_threads(kernel, sizes, *arrays):
+    """run_rows(kernel, *arrays, *accumulators) for a Numba kernel that adds column sums into
+    accumulators of the given sizes: each thread gets its own zeroed ones (shared ones would race),
+    and their totals are returned."""
+    partials = []
+
+    def call(*rows):
+        acc = [np.zeros(n, arrays[0].dtype) for n in sizes]
+        kernel(*rows, *acc)
+        partials.append(acc)
+    run_rows(call, *arrays, chunk=None)
+    return [sum(p[i] for p in partials) for i in range(len(sizes))]
+
+
 def multiply_and_sum_(a, b, axis):
     """a <- a·b in place, and returns a.sum(axis): the gradient through GELU (a·gelu') and its
     bias's gradient. a is (R, C) with axis 0, or (B, R, C) with axis (0, 2)."""
@@ -412,15 +421,10 @@ def multiply_and_sum_(a, b, axis):
     if nk is None or not (a.flags.c_contiguous and b.flags.c_contiguous):
         a *= b
         return a.sum(axis=axis)
-    if axis == 0:  # column sums: each thread sums its rows apart
-        partials = []
-
-        def kernel(a_rows, b_rows):
-            sums = np.zeros(a_rows.shape[1], a_rows.dtype)
-            nk.multiply_and_sum(a_rows, b_rows, sums, False)
-            partials.append(sums)
-        run_rows(kernel, a, b, chunk=None)
-        return sum(partials)
+    if axis == 0:  # column sums
+        (sums,) = _sums_over_threads(lambda a_rows, b_rows, s: nk.multiply_and_sum(a_rows, b_rows, s, False),
+                                     (a.shape[1],), a, b)
+        return sums
     B, R, C = a.shape  # row sums of every image's (R, C), then summed over the images
     row_sums = np.zeros((B * R, 1), a.dtype)
     run_rows(lambda a_rows, b_rows, s: nk.multiply_and_sum(a_rows, b_rows, s[:, 0], True),

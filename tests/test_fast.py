@@ -133,7 +133,11 @@ def test_gelu_kernels(dtype):
     assert np.abs(fast.bias_gelu_(x.copy(), rowbias) - ref_rows).max() <= tol
 
 
-def test_layernorm_kernels():
+@pytest.mark.parametrize("threads", [1, 3])
+def test_layernorm_kernels(monkeypatch, threads):
+    """Forward, and backward with its weight/bias gradients, with the rows split over threads."""
+    monkeypatch.setattr(fast, "num_threads", lambda: threads)
+    monkeypatch.setattr(fast, "CHUNK_ELEMENTS", 500)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((301, 24)) * 3 + 1
     w, b = 1 + 0.3 * rng.standard_normal(24), rng.standard_normal(24)
