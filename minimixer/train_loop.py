@@ -30,7 +30,7 @@ from . import distributed, fast
 from .fast import AdamW  # optim.AdamW, each update one fused pass where Numba is installed
 from .optim import SCHEDULES, SGD, bias_and_norm, clip_grad_norm, lr_at
 from .checkpoints.safetensors_io import (atomic_target, atomic_write_bytes, check_state_dict, read_safetensors,
-                                         save_weights)
+                                         remove_orphans, save_weights)
 
 CHECKPOINT_FORMAT = "minimixer-checkpoint-2"  # 2: sha256 of the whole file, model name, data fingerprint
 OLD_FORMATS = ("minimixer-checkpoint-1",)  # still read: no checksum, no model name or data fingerprint
@@ -362,18 +362,7 @@ def write_metrics(out_dir, metrics):
     atomic_write_bytes(os.path.join(out_dir, "metrics.csv"), buf.getvalue().encode())
 
 
-OUTPUT_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.json", "metrics.csv")
-
-
-def remove_orphans(out_dir, names=OUTPUT_FILES):
-    """Delete the temporary files (.tmp-XXXX<name>, see safetensors_io.atomic_target) that a kill
-    during a write left behind for our output files. Returns the names removed."""
-    removed = []
-    for entry in sorted(os.listdir(out_dir)):
-        if entry.startswith(".tmp-") and entry.endswith(names) and os.path.isfile(os.path.join(out_dir, entry)):
-            os.unlink(os.path.join(out_dir, entry))
-            removed.append(entry)
-    return removed
+OUTPUT_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.json", "metrics.csv")  # written atomically
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -435,7 +424,7 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
     Diverged and keeps the last checkpoint as it was.
     """
     os.makedirs(out_dir, exist_ok=True)
-    orphans = remove_orphans(out_dir)
+    orphans = sorted(n for name in OUTPUT_FILES for n in remove_orphans(os.path.join(out_dir, name)))
     if orphans:
         log(f"removed {len(orphans)} temporary file(s) left in {out_dir} by an interrupted write: {', '.join(orphans)}")
     steps_per_epoch = len(train_loader)

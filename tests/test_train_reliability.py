@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -439,15 +440,21 @@ def test_orphaned_temporary_files_are_removed_on_the_next_start(tmp_path, checkp
     out = tmp_path / "run"
     out.mkdir()
     state = load_checkpoint(checkpoint_file)
-    orphans = [".tmp-k3j2h1checkpoint.safetensors", ".tmp-0a9b8cmetrics.json", ".tmp-zzzzzzmodel.safetensors"]
-    for name in orphans:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a writer that was killed: its process no longer runs
+    orphans = [f".tmp-{gone.pid}-k3j2h1x9checkpoint.safetensors", f".tmp-{gone.pid}-0a9b8c7dmetrics.json",
+               ".tmp-zzzzzz_zmodel.safetensors"]  # no pid (older versions): by age
+    kept = [".tmp-notes.txt",  # another program's file
+            f".tmp-{os.getppid()}-abcd1234metrics.csv"]  # its writer still runs
+    old = time.time() - 3600
+    for name in orphans + kept:
         (out / name).write_bytes(b"half a file")
-    (out / ".tmp-notes.txt").write_text("not ours")  # another program's file: kept
+        os.utime(out / name, (old, old))
     lines = []
     train_loader, test_loader = digits_loaders()
     fit(state["params"], CFG, SETTINGS, train_loader, test_loader, str(out), resume=state, stop_after=4,
         progress=False, log=lines.append)
-    assert sorted(os.listdir(out)) == [".tmp-notes.txt", "checkpoint.safetensors"]
+    assert sorted(os.listdir(out)) == sorted(kept + ["checkpoint.safetensors"])
     assert lines[0] == (f"removed 3 temporary file(s) left in {out} by an interrupted write: "
                         + ", ".join(sorted(orphans)))
 

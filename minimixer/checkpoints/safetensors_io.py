@@ -147,24 +147,28 @@ def atomic_target(path):
 
 def remove_orphans(path):
     """Delete the temporary files that a killed writer of `path` left in its folder: only
-    names of our own pattern for this very file (.tmp-<pid>-XXXXXXXX<name>), only those older
-    than this process, and never one whose writer is still running, so a concurrent
-    writer's file is left alone. (Names without a pid, from older versions, go by age.)"""
+    names of our own pattern for this very file (.tmp-<pid>-XXXXXXXX<name>), and only those
+    whose writer no longer runs, so a concurrent writer's file is left alone. (Names without
+    a pid, from older versions, go by age: older than this process.) Returns the names removed, sorted."""
     folder = os.path.dirname(os.path.abspath(path))
     name = re.escape(os.path.basename(path))
     pattern = re.compile(re.escape(TMP_PREFIX) + r"(?:([0-9]+)-)?[a-z0-9_]{8}" + name + r"\Z")
     try:
         entries = [(e, pattern.match(e.name)) for e in os.scandir(folder)]
     except OSError:
-        return  # an unreadable folder: mkstemp will say what is wrong
+        return []  # an unreadable folder: mkstemp will say what is wrong
+    removed = []
     for e, match in entries:
         if match is None or (match.group(1) and _running(int(match.group(1)))):
             continue
         try:
-            if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < _STARTED:
+            from_a_dead_writer = match.group(1) or e.stat(follow_symlinks=False).st_mtime < _STARTED
+            if e.is_file(follow_symlinks=False) and from_a_dead_writer:
                 os.unlink(e.path)
+                removed.append(e.name)
         except OSError:
             pass  # gone already, or not ours to remove
+    return sorted(removed)
 
 
 def _running(pid):
