@@ -89,19 +89,28 @@ def gelu_and_grad_f64(v):
     return v * cdf, cdf + v * math.exp(-0.5 * v * v) * INV_SQRT_2PI
 
 
+# The GELU kernels first copy each row into `staged` (C,), then compute from there, in L1. On a
+# chunk that has left L2, the long GELU loop (about 30 vector instructions per 8 floats) keeps too
+# few loads in flight and waited on memory: 1.0-2.0 ns per element on 38 MB against 0.5 in cache.
+# The plain copy loop streams the row at memory speed (measured: 0.72-0.75 ns on 38 MB; B/16 at
+# batch 16 and 64, 11.6 -> 12.1 and 11.6 -> 12.4 img/s; in cache it costs 0.02 ns).
+
 def _bias_gelu_kernel(gelu):
     """x <- gelu(x + bias) in place; bias is (C,), or (R,) with bias_per_row."""
     @njit(**JIT)
     def bias_gelu(x, bias, bias_per_row):  # x (R, C)
+        staged = np.empty(x.shape[1], x.dtype)  # (C,)
         for i in range(x.shape[0]):
             row = x[i]  # (C,)
+            for j in range(row.shape[0]):
+                staged[j] = row[j]
             if bias_per_row:
                 b = bias[i]
                 for j in range(row.shape[0]):
-                    row[j] = gelu(row[j] + b)
+                    row[j] = gelu(staged[j] + b)
             else:
                 for j in range(row.shape[0]):
-                    row[j] = gelu(row[j] + bias[j])
+                    row[j] = gelu(staged[j] + bias[j])
     return bias_gelu
 
 
@@ -109,15 +118,18 @@ def _bias_gelu_grad_kernel(gelu_and_grad):
     """x <- gelu(x + bias) and d <- gelu'(x + bias), in place."""
     @njit(**JIT)
     def bias_gelu_grad(x, bias, bias_per_row, d):  # x, d (R, C)
+        staged = np.empty(x.shape[1], x.dtype)  # (C,)
         for i in range(x.shape[0]):
             row, drow = x[i], d[i]  # (C,), (C,)
+            for j in range(row.shape[0]):
+                staged[j] = row[j]
             if bias_per_row:
                 b = bias[i]
                 for j in range(row.shape[0]):
-                    row[j], drow[j] = gelu_and_grad(row[j] + b)
+                    row[j], drow[j] = gelu_and_grad(staged[j] + b)
             else:
                 for j in range(row.shape[0]):
-                    row[j], drow[j] = gelu_and_grad(row[j] + bias[j])
+                    row[j], drow[j] = gelu_and_grad(staged[j] + bias[j])
     return bias_gelu_grad
 
 
