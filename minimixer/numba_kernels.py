@@ -4,7 +4,7 @@ Why they exist: NumPy runs one operation per pass over memory, so the exact GELU
 passes over every hidden activation (about 2.6 ns per float32 element) and LayerNorm about 8.
 Each kernel here is one loop: it loads a value once, does all the arithmetic in registers and
 stores the result, and LLVM vectorizes the loop (8 float32 lanes). GELU drops to about 0.5 ns
-per element in cache (1.6 ns on a chunk that has left L2), LayerNorm to 0.3, and AdamW makes one
+per element in cache (out of cache, see `staged` below), LayerNorm to 0.3, and AdamW makes one
 pass over each parameter and its moments instead of about ten. Every constant is written in the
 arrays' dtype: one Python int or float in a float32 loop makes it compute in float64, at half speed.
 
@@ -92,8 +92,8 @@ def gelu_and_grad_f64(v):
 # The GELU kernels first copy each row into `staged` (C,), then compute from there, in L1. On a
 # chunk that has left L2, the long GELU loop (about 30 vector instructions per 8 floats) keeps too
 # few loads in flight and waited on memory: 1.0-2.0 ns per element on 38 MB against 0.5 in cache.
-# The plain copy loop streams the row at memory speed (measured: 0.72-0.75 ns on 38 MB; B/16 at
-# batch 16 and 64, 11.6 -> 12.1 and 11.6 -> 12.4 img/s; in cache it costs 0.02 ns).
+# The plain copy loop streams the row at memory speed. Measured: 0.72-0.75 ns per element on 38 MB,
+# 0.02 ns more in cache; B/16 inference at batch 16 and 64, 11.53 -> 11.87 and 11.39 -> 11.91 img/s.
 
 def _bias_gelu_kernel(gelu):
     """x <- gelu(x + bias) in place; bias is (C,), or (R,) with bias_per_row."""
