@@ -13,13 +13,14 @@ GEMM ceiling: the model's matmuls alone, with its own weights and no elementwise
 better of BLAS's own threads on the whole batch and one single-threaded share per core.
 Peak working memory is the growth of the process's peak RSS during an engine's first call
 (engine built, inputs ready): activations, scratch, arenas and, for training, gradients and
-optimizer state. On a GPU (--backend cupy --memory), device memory in fresh processes: the peak
+optimizer state; glibc then gives freed blocks back at once, so RSS follows what is in use. The
+timed calls run with glibc keeping freed blocks, as minimixer's commands set it (minimixer.allocator).
+On a GPU (--backend cupy --memory), device memory in fresh processes: the peak
 of CuPy's memory pool (bytes in use) against torch.cuda.max_memory_allocated, each beyond what
 was allocated before the call.
 """
 import argparse
 import contextlib
-import ctypes
 import io
 import json
 import os
@@ -34,6 +35,7 @@ import warnings
 import numpy as np
 
 from . import cli
+from .allocator import keep_freed_memory, return_freed_memory
 from .backend import to_backend, to_numpy, xp_for
 from .config import param_count
 from .checkpoints.safetensors_io import atomic_write_bytes
@@ -417,17 +419,6 @@ def batch_inputs(args, cfg, batch_size):
     return x, y
 
 
-def return_freed_memory():
-    """Make glibc hand every freed block over 128 KB back to the OS (a fixed mmap threshold), so
-    RSS follows what is really in use. Returns False where that cannot be set (not glibc)."""
-    try:
-        libc = ctypes.CDLL(None)
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, 131072)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 131072))
-    except (OSError, AttributeError):
-        return False
-
-
 def first_call(step):
     """(output, peak working MB) of a first call: how far the peak RSS rises above the RSS
     before it. None for the memory where /proc cannot tell (not Linux)."""
@@ -491,9 +482,13 @@ def run_batch(args, cfg, params, batch_size, onnx_path):
     steps, memory, outputs = {}, {}, {}
     for name, make in build_sides(args, cfg, params, x, y, onnx_path).items():
         steps[name] = make()  # all built before any runs: a training step updates its weights
+    if on_cpu:
+        return_freed_memory()  # the first calls measure memory: RSS must follow what is in use
     for name in list(steps):
         out, mb = first_call(steps[name]) if on_cpu else (steps[name](), None)
         outputs[name], memory[name] = to_numpy(out), mb
+    if on_cpu:
+        keep_freed_memory()  # the timed calls run as minimixer's commands do (minimixer.allocator)
     if args.mode == "infer" and on_cpu and not args.no_ceiling:
         steps.update(gemm_ceiling_sides(params, cfg, batch_size))
     for name, step in steps.items():  # the rest of the warm-up: BLAS buffers, arenas, GPU kernels
@@ -589,8 +584,6 @@ def main(argv=None):
     check_peers(args.compare, args.plot)
     if args.backend == "cupy":  # set before anything reads it, so the machine info records the truth
         set_cupy_tf32(xp_for("cupy"), args.tf32)
-    if args.backend == "numpy":
-        return_freed_memory()
     params = make_params(cfg, np.float32 if args.dtype == "float16" else args.dtype)
     if args.dtype == "float16":
         params = {k: v.astype(np.float16) for k, v in params.items()}

@@ -17,6 +17,7 @@ import sys
 import time
 
 from . import cli, distributed
+from .allocator import keep_freed_memory
 from .backend import to_backend, to_numpy, xp_for
 from .config import param_count
 from .data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images,
@@ -167,6 +168,7 @@ def main(argv=None):
                        interpolation=args.interpolation)
     xp_for(args.backend)  # a clear error now if the GPU is missing
     strict_pixel_limit()
+    keep_freed_memory()  # every batch reuses the last one's freed blocks instead of faulting them in
     skipped, left_out = [], []  # unreadable images; folders and files the scan left out
 
     def on_error(path, exc):

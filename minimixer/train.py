@@ -22,6 +22,7 @@ from dataclasses import asdict, fields, replace
 import numpy as np
 
 from . import cli, distributed
+from .allocator import keep_freed_memory
 from .backend import to_backend, xp_for
 from .config import param_shapes
 from .data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, open_image, train_transform
@@ -329,6 +330,7 @@ def train(argv):
     parser, spellings = build_parser()
     args = parser.parse_args(argv)
     xp_for(args.backend)  # fail early and clearly without a GPU
+    keep_freed_memory()  # each step reuses the last one's freed activations instead of faulting them in
     if not distributed.is_root():  # under mpiexec, rank 0 alone reports
         sys.stdout, args.no_progress = open(os.devnull, "w"), True
     out = args.out or os.path.join("runs", args.model or DEFAULT_MODEL)
