@@ -20,7 +20,8 @@ learn the math; read this to see where the time goes on a CPU, and why.
   extra (Numba) installed, GELU, LayerNorm, the residual adds and AdamW run as fused one-loop
   kernels instead (numba_kernels.py): GELU drops from about 2.6 to 0.5 ns per element, which
   took a share of 8 B/16 images from 0.78 to 0.89 of the GEMM ceiling, and the S/32 training
-  step from 0.89-0.96x to 1.21-1.25x torch. Without Numba, the NumPy kernels below run.
+  step to 0.97-1.00x torch eager (both with glibc keeping freed blocks, see allocator.py).
+  Without Numba, the NumPy kernels below run.
 - No float32 GELU output is a denormal (see erf.TAIL_EXP_FLOOR): on x86 each denormal operand
   costs the next matmul a microcode assist.
 - Token mixing is a left multiplication, W1 @ y per image, so nothing is transposed.
