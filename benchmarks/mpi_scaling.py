@@ -44,10 +44,11 @@ def reset_peak_rss():
 
 def worker(task, repeats):
     """One measurement in this process (one rank of the job, or the only process)."""
-    from minimixer import distributed, fast
-    from minimixer.bench import make_params
+    from minimixer import fast
+    from minimixer.runtime import distributed
+    from minimixer.commands.bench import make_params
     from minimixer.config import get_config
-    from minimixer.train_loop import TrainSettings, make_optimizer, train_step
+    from minimixer.training.loop import TrainSettings, make_optimizer, train_step
 
     model, batch = TASKS[task]
     cfg = get_config(model)

@@ -15,7 +15,6 @@ import math
 import numpy as np
 
 from .backend import get_xp, to_backend, to_numpy
-from .threads import parallel_map
 
 
 def bias_and_norm(name):
@@ -26,7 +25,7 @@ def bias_and_norm(name):
 class Optimizer:
     """Shared plumbing: the params dict, lr, which params decay, and state (de)serialization."""
 
-    def __init__(self, params, lr, weight_decay, no_decay):
+    def __init__(self, params, lr, weight_decay, no_decay, run=None):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not weight_decay >= 0:
@@ -37,6 +36,7 @@ class Optimizer:
         self.no_decay = no_decay or (lambda name: False)
         self.step_count = 0
         self.state = {}  # name -> dict of arrays, created lazily on the first step
+        self.run = run or _in_order  # run(fn, items): the fast path passes a thread pool's map
 
     def decay_for(self, name):
         return 0.0 if self.no_decay(name) else self.weight_decay
@@ -48,10 +48,9 @@ class Optimizer:
         self.step_count += 1
         for name in self.params:
             self.state.setdefault(name, {})
-        # each parameter's update is independent: on the CPU, spread them over the cores, largest first
+        # each parameter's update is independent (a pool may run them at once: largest first)
         names = sorted(self.params, key=lambda k: -self.params[k].size)
-        run = parallel_map if get_xp(*self.params.values()) is np else (lambda fn, items: [fn(i) for i in items])
-        run(lambda name: self.update(name, self.params[name], grads[name], self.state[name]), names)
+        self.run(lambda name: self.update(name, self.params[name], grads[name], self.state[name]), names)
 
     def state_dict(self):
         """Hyperparameters, the step count and a NumPy copy of every state array (a GPU's state is
@@ -69,6 +68,10 @@ class Optimizer:
                       for k, s in state["state"].items()}
 
 
+def _in_order(fn, items):
+    return [fn(i) for i in items]
+
+
 def _host_copy(a):
     host = to_numpy(a)
     return host.copy() if host is a else host  # .get() already made a fresh host array
@@ -84,8 +87,8 @@ class SGD(Optimizer):
         p = p - lr·g
     """
 
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, no_decay=None):
-        super().__init__(params, lr, weight_decay, no_decay)
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, no_decay=None, run=None):
+        super().__init__(params, lr, weight_decay, no_decay, run)
         if nesterov and momentum <= 0:
             raise ValueError("nesterov momentum requires momentum > 0")
         self.momentum, self.nesterov = momentum, nesterov
@@ -114,8 +117,8 @@ class AdamW(Optimizer):
         p = p - lr/(1 - β1ᵗ) · m / (√v / √(1 - β2ᵗ) + eps)
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, no_decay=None):
-        super().__init__(params, lr, weight_decay, no_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, no_decay=None, run=None):
+        super().__init__(params, lr, weight_decay, no_decay, run)
         self.betas, self.eps = tuple(betas), eps
 
     def update(self, name, p, g, state):
@@ -136,15 +139,15 @@ class AdamW(Optimizer):
         ### END SOLUTION
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(grads, max_norm, run=None):
     """Scale all gradients in place so their global L2 norm is at most max_norm
-    (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping."""
+    (torch.nn.utils.clip_grad_norm_). Returns the norm before clipping. run(fn, items): as the optimizers'."""
     xp = get_xp(*grads.values())
-    if xp is np:  # one thread per tensor; fsum rounds exactly, so the dict's order cannot matter (MPI ranks agree).
-        # einsum, not vdot: BLAS's dot splits a long vector over its threads, so its rounding would depend on
-        # the thread count, and one process would not take the same steps as MPI ranks bound to one core each
-        total = math.sqrt(math.fsum(parallel_map(lambda g: float(np.einsum("i,i->", g.ravel(), g.ravel())),
-                                                 grads.values())))
+    if xp is np:  # fsum rounds exactly, so neither the dict's order nor the run's matters.
+        # einsum, not vdot: BLAS's dot splits a long vector over its threads, so its rounding would
+        # depend on the thread count
+        total = math.sqrt(math.fsum((run or _in_order)(lambda g: float(np.einsum("i,i->", g.ravel(), g.ravel())),
+                                                       grads.values())))
     else:  # on the GPU's stream, from this thread, in one fixed order: one sync to read the total
         squares = [xp.vdot(grads[k].ravel(), grads[k].ravel()) for k in sorted(grads)]
         total = math.sqrt(float(xp.stack(squares).sum()))

@@ -23,7 +23,7 @@ import numpy as np
 import minimixer as mm
 from minimixer.checkpoints.registry import BUNDLED_DIGITS
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.train_loop import TrainSettings, evaluate, fit
+from minimixer.training.loop import TrainSettings, evaluate, fit
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 sys.path.insert(0, str(ROOT / "notebooks"))

@@ -11,7 +11,7 @@
 #
 # For evaluation the idea is plain: each rank takes a quarter of the files, and the counts of
 # correct answers are added up at the end. For training it is less obvious that nothing changes.
-# This notebook shows why it doesn't, with `minimixer/distributed.py`, the one module that talks
+# This notebook shows why it doesn't, with `minimixer/runtime/distributed.py`, the one module that talks
 # to MPI. It runs here without MPI: we *simulate* the ranks in one process, calling the same
 # helpers that each real rank calls with its own rank number.
 
@@ -19,7 +19,8 @@
 import numpy as np
 
 import minimixer as mm
-from minimixer import distributed, fast
+from minimixer import fast
+from minimixer.runtime import distributed
 from minimixer.data import digits_split
 from minimixer.layers import softmax_cross_entropy
 from minimixer.optim import AdamW, clip_grad_norm

@@ -1,4 +1,4 @@
-"""minimixer.allocator: glibc keeps freed blocks (no page faults on reuse) or gives them back.
+"""minimixer.runtime.allocator: glibc keeps freed blocks (no page faults on reuse) or gives them back.
 
 Each case runs in a fresh process, since malloc's settings hold for the whole process. The
 worker thread allocates and frees 24 arrays of 1.6 MB, 12 times, and counts its page faults over
@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from minimixer import allocator
+from minimixer.runtime import allocator
 
 pytestmark = pytest.mark.skipif(allocator._glibc() is None, reason="malloc here is not glibc's")
 
 CODE = """
 import resource, sys, threading
 import numpy as np
-from minimixer import allocator
+from minimixer.runtime import allocator
 assert getattr(allocator, sys.argv[1])()
 faults = []
 def work():

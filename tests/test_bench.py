@@ -5,7 +5,11 @@ import sys
 
 import pytest
 
-from minimixer import bench, cli, fast
+from minimixer import fast
+
+from minimixer.commands import bench
+
+from minimixer.commands import cli
 
 TINY = ["--model", "mixer_s32_224", "--img-size", "64", "--num-blocks", "2"]
 

@@ -22,7 +22,7 @@ import minimixer as mm
 from minimixer.checkpoints import registry
 from minimixer.checkpoints.convert import config_for_file, detect_format, load_checkpoint, read_checkpoint
 from minimixer.checkpoints.pth import PthError, Refused, read_pth
-from minimixer.weights import main as weights_main
+from minimixer.commands.weights import main as weights_main
 from helpers import assert_all_close, rel_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -108,7 +108,7 @@ def test_predict_cli_applies_converted_metadata(tmp_path, capsys):
     without, it says which extra to install."""
     out = tmp_path / "m.safetensors"
     assert weights_main(["convert", MM_PTH, "--out", str(out)]) == 0
-    # a subprocess: importing minimixer.predict in this process would shadow mm.predict
+    # a subprocess: importing minimixer.commands.predict in this process would shadow mm.predict
     image = os.path.join(os.path.dirname(__file__), "images", "china.jpg")
     args = [sys.executable, "-m", "minimixer.predict", image, "--model", "mixer_s16_224", "--weights", str(out),
             "--img-size", "32", "--patch-size", "8", "--num-blocks", "2", "--embed-dim", "16",

@@ -160,7 +160,7 @@ def test_logits_equal_mmpretrain(tmp_path, photos, arch, blocks):
     assert (cfg.num_blocks, cfg.embed_dim, cfg.ln_eps, cfg.gelu) == (blocks, 768, 1e-5, "erf")
     got = mm.to_numpy(mm.predict(params, x, cfg))
     converted = tmp_path / "converted.safetensors"  # and the converted file, through the CLI's reader
-    from minimixer.weights import main
+    from minimixer.commands.weights import main
     assert main(["convert", str(path), "--out", str(converted)]) == 0
     cfg2 = convert_mod.config_for_file(str(converted), mm.get_config("mixer_b16_224", num_blocks=blocks))
     got2 = mm.to_numpy(mm.predict(mm.load_weights(converted, cfg2), x, cfg2))

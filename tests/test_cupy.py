@@ -1,4 +1,4 @@
-"""CuPy against NumPy, layer by layer, for the whole model, and for the fast path (minimixer/fast.py).
+"""CuPy against NumPy, layer by layer, for the whole model, and for the fast path (minimixer/fast/).
 
 Each test runs twice: on a GPU with real CuPy (skipped without a usable one), and on
 tests/fake_cupy.py, a NumPy-backed stand-in that refuses implicit host conversion, so the

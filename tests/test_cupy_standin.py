@@ -17,10 +17,11 @@ import fake_cupy
 import minimixer as mm
 import test_fixtures
 from helpers import assert_all_close
-from minimixer import bench, fast, optim
-from minimixer import eval as eval_cmd
-from minimixer import train as train_cmd
-from minimixer.train_loop import TrainSettings, fit, load_checkpoint, make_optimizer, train_step
+from minimixer import fast, optim
+from minimixer.commands import bench
+from minimixer.commands import eval as eval_cmd
+from minimixer.commands import train as train_cmd
+from minimixer.training.loop import TrainSettings, fit, load_checkpoint, make_optimizer, train_step
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = [os.path.join(ROOT, "tests", "images", f) for f in ("china.jpg", "flower.jpg")]
@@ -90,13 +91,12 @@ def test_syncs_per_training_step_are_few_and_independent_of_parameter_count(fake
 
 
 def test_clip_grad_norm_on_device_one_sync_no_thread_pool(fake, monkeypatch):
-    monkeypatch.setattr(optim, "parallel_map", lambda *a: pytest.fail("clip_grad_norm used the host thread pool"))
     rng = np.random.default_rng(0)
     grads = {f"g{i}": rng.standard_normal((3, i + 1)) for i in range(30)}
     expected = float(np.sqrt(sum((g * g).sum() for g in grads.values())))
     dev = mm.to_backend(grads, "cupy")
     fake.stats.reset()
-    total = optim.clip_grad_norm(dev, 0.5)
+    total = optim.clip_grad_norm(dev, 0.5, run=lambda *a: pytest.fail("clip_grad_norm used the host thread pool"))
     assert fake.stats.d2h == 1
     assert abs(total - expected) <= 1e-12 * expected
     clipped = np.sqrt(sum((g * g).sum() for g in mm.to_numpy(dev).values()))
@@ -146,7 +146,7 @@ def test_state_dict_copies_to_host_not_on_device(fake):
 
 def test_predict_command_on_standin_equals_numpy(fake, capsys, monkeypatch):
     monkeypatch.setattr(mm, "predict", mm.predict)  # restored after: the import may rebind it (issue 14, item 9)
-    predict_cmd = importlib.import_module("minimixer.predict")
+    predict_cmd = importlib.import_module("minimixer.commands.predict")
     assert predict_cmd.main([*IMAGES, "--json", "--backend", "numpy"]) == 0
     on_numpy = json.loads(capsys.readouterr().out)
     fake.stats.reset()

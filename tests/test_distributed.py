@@ -1,4 +1,4 @@
-"""minimixer.distributed in one process, without mpi4py: world size 1, no-op communication, and
+"""minimixer.runtime.distributed in one process, without mpi4py: world size 1, no-op communication, and
 the math of data parallelism checked by simulating ranks (tests/test_mpi.py runs real ranks)."""
 import os
 import subprocess
@@ -9,7 +9,9 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from helpers import assert_all_close
-from minimixer import cli, distributed, fast
+from minimixer import fast
+from minimixer.commands import cli
+from minimixer.runtime import distributed
 from minimixer.config import get_config
 from minimixer.layers import softmax_cross_entropy
 from minimixer.params import init_params
@@ -28,7 +30,7 @@ def fresh(monkeypatch):
 
 
 def test_one_process_is_a_world_of_one_without_importing_mpi4py():
-    code = ("import sys; from minimixer import distributed as d; import numpy as np\n"
+    code = ("import sys; from minimixer.runtime import distributed as d; import numpy as np\n"
             "g = {'w': np.ones(3)}\n"
             "assert (d.size(), d.rank(), d.is_root(), d.comm()) == (1, 0, True, None)\n"
             "assert d.allreduce_mean(g, 2.5, 3, 3) == 2.5 and (g['w'] == 1).all()\n"

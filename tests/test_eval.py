@@ -205,8 +205,8 @@ def test_eval_on_cupy_when_available():
 # Waiting for the progress bar and sleeping, as this test once did, raced the evaluation.
 CTRL_C_AT_BATCH_3 = """
 import signal, sys
-import minimixer.eval as e
-from minimixer import cli
+import minimixer.commands.eval as e
+from minimixer.commands import cli
 calls, real = [], e.predict
 def predict(*args):
     calls.append(1)

@@ -1,4 +1,4 @@
-"""The fast path (minimixer/fast.py) computes what the clear path (model.py) computes."""
+"""The fast path (minimixer/fast/) computes what the clear path (model.py) computes."""
 import importlib.util
 import sys
 import threading
@@ -223,8 +223,8 @@ def test_numba_that_cannot_run_falls_back_in_one_line(monkeypatch, capsys):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "numba" else find_spec(name, *a))
-    monkeypatch.setitem(sys.modules, "minimixer.numba_kernels", None)  # its import fails
-    monkeypatch.delattr(mm, "numba_kernels", raising=False)  # (already imported: not found on the package either)
+    monkeypatch.setitem(sys.modules, "minimixer.fast.kernels_numba", None)  # its import fails
+    monkeypatch.delattr(mm.fast, "kernels_numba", raising=False)  # (already imported: not found on the package either)
     x = np.linspace(-3, 3, 12).reshape(3, 4)
     assert fast.numba_kernels(x) is None
     assert_all_close([("gelu", fast.bias_gelu_(x.copy(), np.zeros(4)), layers.gelu_forward(x)[0])], 1e-14)
@@ -238,8 +238,8 @@ def test_first_call_from_many_threads_imports_once(monkeypatch, capsys):
     half-done import)."""
     monkeypatch.setattr(fast, "_numba_module", [])
     monkeypatch.setattr(fast, "USE_NUMBA", True)
-    monkeypatch.delitem(sys.modules, "minimixer.numba_kernels", raising=False)
-    monkeypatch.delattr(mm, "numba_kernels", raising=False)
+    monkeypatch.delitem(sys.modules, "minimixer.fast.kernels_numba", raising=False)
+    monkeypatch.delattr(mm.fast, "kernels_numba", raising=False)
     start, got = threading.Barrier(8), []
 
     def first_call():

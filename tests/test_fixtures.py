@@ -43,7 +43,7 @@ def test_logits_and_grads_match_timm(name, backend):
 
 @pytest.mark.parametrize("name", CASES)
 def test_predict_matches_forward(name, backend):
-    """model.predict is mixer_forward without caches: identical. minimixer.predict is the fast
+    """model.predict is mixer_forward without caches: identical. mm.predict is the fast
     path: equal up to rounding, and to timm's logits like the forward."""
     cfg, params, ref = load_case(name, backend)
     x = mm.to_backend(ref["x"], backend)

@@ -39,11 +39,11 @@ def run(args, ranks=None, timeout=300, **kw):
 def steps_script(out, batch):
     """10 train_steps on the digits in float64 (AdamW, clipping, drop_path, dropout, label
     smoothing), global batch `batch`; every rank writes its params and losses."""
-    from minimixer import distributed
+    from minimixer.runtime import distributed
     from minimixer.config import get_config
     from minimixer.data import ArrayLoader, digits_split
     from minimixer.params import init_params
-    from minimixer.train_loop import TrainSettings, make_optimizer, train_step
+    from minimixer.training.loop import TrainSettings, make_optimizer, train_step
 
     cfg = get_config("mixer_digits")
     s = TrainSettings(lr=1e-2, weight_decay=0.05, clip_grad=0.5, drop_path=0.25, dropout=0.2,
@@ -251,7 +251,7 @@ def rank_pids(launcher_pid):
 
 
 def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoint(tmp_path):
-    from minimixer.train_loop import load_checkpoint
+    from minimixer.training.loop import load_checkpoint
     out = tmp_path / "run"
     cmd = [mpiexec(), "-n", "2", sys.executable] + TRAIN[:2] + [
         "--epochs", "30", "--batch-size", "16", "--no-progress", "--out", str(out)]
@@ -283,7 +283,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoint(tmp_path):
 
 def fail_script():
     """Rank 1 fails with an unexpected error while rank 0 waits for it in a collective."""
-    from minimixer import distributed
+    from minimixer.runtime import distributed
     if distributed.rank() == 1:
         raise RuntimeError("something unexpected on rank 1")
     distributed.barrier()

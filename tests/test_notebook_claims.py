@@ -8,7 +8,7 @@ import pytest
 import minimixer as mm
 from minimixer import layers
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.train_loop import TrainSettings, evaluate
+from minimixer.training.loop import TrainSettings, evaluate
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 

@@ -1,4 +1,4 @@
-"""Numba's float32 kernels (minimixer/numba_kernels.py): the written-out exp, and GELU's accuracy.
+"""Numba's float32 kernels (minimixer/fast/kernels_numba.py): the written-out exp, and GELU's accuracy.
 The kernels' agreement with the clear path is tests/test_fast.py's, run with `-m numba`."""
 import math
 
@@ -10,7 +10,7 @@ pytestmark = pytest.mark.numba
 
 @pytest.fixture(scope="module")
 def nk():
-    from minimixer import numba_kernels
+    from minimixer.fast import kernels_numba as numba_kernels
     return numba_kernels
 
 

@@ -20,15 +20,16 @@ from PIL import Image
 
 import minimixer as mm
 import importlib
-import minimixer.eval as meval
-import minimixer.weights as mweights
-from minimixer import cli, data
+import minimixer.commands.eval as meval
+import minimixer.commands.weights as mweights
+from minimixer import data
+from minimixer.commands import cli
 from minimixer.checkpoints import registry
 from minimixer.checkpoints import safetensors_io as sio
 from minimixer.checkpoints.registry import BUNDLED_DIGITS, imagenet_classes
 from test_eval import COLOR_ARGS, COLORS, color_model, write_image
 
-mpredict = importlib.import_module("minimixer.predict")  # the command (mm.predict is the function)
+mpredict = importlib.import_module("minimixer.commands.predict")  # the command (mm.predict is the function)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6)
 
@@ -589,27 +590,33 @@ def test_data_given_two_ways_must_agree(capsys):
 # --- issue 14, item 9: mm.predict and the predict command -----------------------------------------------------
 
 ORDERS = {
-    "command first": "import minimixer.predict\nimport minimixer as mm\n",
-    "function first": "import minimixer as mm\nmm.predict(params, x, cfg)\nimport minimixer.predict\n",
-    "from-import": "from minimixer import predict\nimport minimixer.predict\nimport minimixer as mm\n",
+    "command first": "import minimixer.predict\n",
+    "function first": "mm.predict(params, x, cfg)\nimport minimixer.predict\n",
+    "from-import": "from minimixer import predict\nimport minimixer.predict\n",
 }
 
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_mm_predict_works_whatever_was_imported_first(order):
-    code = ("import numpy as np, minimixer\n"
+    """`python -m minimixer.predict` is the command and `mm.predict` the function: importing the
+    command's entry point stops with a line that points to both, and the function stays bound."""
+    code = ("import numpy as np, minimixer, minimixer as mm\n"
             "cfg = minimixer.get_config('mixer_digits')\n"
             "params = minimixer.init_params(cfg, seed=1)\n"
             "x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)\n"
-            + ORDERS[order] +
+            "try:\n" + "".join("    " + line + "\n" for line in ORDERS[order].splitlines()) +
+            "except ImportError as e:\n"
+            "    assert 'mm.predict' in str(e) and 'minimixer.commands.predict' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('import minimixer.predict did not stop')\n"
             "import sys\n"
             "from minimixer import fast, model\n"
             "got = mm.predict(params, x, cfg)\n"
             "assert mm.predict is fast.predict and minimixer.predict is fast.predict\n"
+            "assert 'minimixer.predict' not in sys.modules\n"
             "print('max diff vs the clear path', float(np.abs(got - model.predict(params, x, cfg)).max()))\n"
-            "from minimixer.predict import main\n"
-            "assert main is sys.modules['minimixer.predict'].main\n"
-            "assert np.array_equal(sys.modules['minimixer.predict'](params, x, cfg), got)  # the fallback\n")
+            "from minimixer.commands.predict import main\n"
+            "assert main is sys.modules['minimixer.commands.predict'].main\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     print(r.stdout)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import minimixer as mm
-from minimixer import layers, model, summary
+from minimixer import layers, model
+from minimixer.commands import summary
 
 
 def run(*args):

@@ -14,7 +14,7 @@ from helpers import assert_all_close, gradcheck, numerical_gradient
 from minimixer import layers as L
 from minimixer import model, optim
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.train_loop import TrainSettings, fit, load_checkpoint
+from minimixer.training.loop import TrainSettings, fit, load_checkpoint
 
 TINY = dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6)
 
@@ -278,7 +278,7 @@ def test_checkpoint_is_not_model_weights(tmp_path):
 def test_shipped_digits_model_accuracy():
     """minimixer/assets/mixer_digits.safetensors: ≥ 97% top-1 on the held-out digits split."""
     from minimixer.checkpoints.registry import BUNDLED_DIGITS
-    from minimixer.train_loop import evaluate
+    from minimixer.training.loop import evaluate
     cfg = mm.get_config("mixer_digits")
     params = mm.load_weights(BUNDLED_DIGITS, cfg)
     _, _, x_test, y_test = digits_split()

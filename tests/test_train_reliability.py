@@ -13,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 import minimixer as mm
-from minimixer import cli, train
+from minimixer.commands import cli
+from minimixer.commands import train
 from minimixer.checkpoints.safetensors_io import read_safetensors
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.train_loop import (Diverged, Interrupted, TrainSettings, _header_and_metadata, checkpoint_bytes,
+from minimixer.training.loop import (Diverged, Interrupted, TrainSettings, _header_and_metadata, checkpoint_bytes,
                                   fit, load_checkpoint)
 
 PROG = "python -m minimixer.train"
@@ -463,7 +464,8 @@ def test_kill_9_during_a_checkpoint_write_leaves_an_orphan_that_the_next_start_r
     out = tmp_path / "run"
     code = f"""
 import os, signal, sys
-from minimixer import cli, train
+from minimixer.commands import cli
+from minimixer.commands import train
 os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # die after the data, before the rename
 sys.exit(cli.run(train.main, ["--stop-after", "1", "--out", {str(out)!r}, "--no-progress"]))
 """
@@ -484,7 +486,8 @@ def test_ctrl_c_during_start_up_is_one_line_exit_130(tmp_path, folder, where):
     """A real SIGINT while the folder is scanned (find_images) or its images are checked (open_image)."""
     code = f"""
 import os, signal, sys
-from minimixer import cli, train
+from minimixer.commands import cli
+from minimixer.commands import train
 real = getattr(train, {where!r})
 def interrupted(*a, **k):
     os.kill(os.getpid(), signal.SIGINT)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 import timm
-from minimixer.bench import timm_model
+from minimixer.commands.bench import timm_model
 
 
 def timm_mixer(cfg, *, seed=0, dtype=torch.float32):

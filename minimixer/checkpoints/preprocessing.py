@@ -1,7 +1,7 @@
 """How each checkpoint's images are prepared: the eval transform settings, by name.
 
 A converted weights file records one of these names in its metadata (convert.py), and each
-pretrained tag has one (registry.py). The transforms themselves are in minimixer/data.py
+pretrained tag has one (registry.py). The transforms themselves are in minimixer/data/
 (Pillow, as timm) and checkpoints/mmpretrain.py (OpenCV, as MMPretrain).
 """
 from dataclasses import dataclass

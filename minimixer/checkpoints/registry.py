@@ -4,7 +4,7 @@ This is the one place that says how each model's inputs are prepared (mean, std,
 crop_pct, interpolation, and whose pipeline) and where its weights come from. The timm
 tags' values are timm's pretrained_cfg (timm/models/mlp_mixer.py default_cfgs); the
 MMPretrain and JAX tags load the original files (checkpoints/mmpretrain.py, jax.py).
-The command that uses it is `python -m minimixer.weights` (minimixer/weights.py).
+The command that uses it is `python -m minimixer.weights` (minimixer/commands/weights.py).
 """
 import hashlib
 import os

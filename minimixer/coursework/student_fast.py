@@ -9,7 +9,7 @@ edition leaves it out, because it contains the answers. `python -m minimixer.eva
 
 def __getattr__(name):
     if name == "AdamW":  # the full minimixer fuses its update here; the student edition runs yours
-        from .optim import AdamW
+        from ..optim import AdamW
         return AdamW
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -24,18 +24,18 @@ def load_kernels(dtype=None):
 
 def predict(params, x, cfg):
     """Logits for images x (B, C, H, W): model.predict on your layers."""
-    from .model import predict as clear_predict
+    from ..model import predict as clear_predict
     return clear_predict(params, x, cfg)
 
 
 def forward(params, x, cfg, *, drop_path_rate=0.0, drop_rate=0.0, rng=None):
     """Training forward: model.mixer_forward on your layers."""
-    from .model import mixer_forward
+    from ..model import mixer_forward
     return mixer_forward(params, x, cfg, drop_path_rate=drop_path_rate, drop_rate=drop_rate, rng=rng)
 
 
 def backward(dlogits, cache, *, need_dx=False):
     """Returns (grads, dx or None), as the full minimixer's fast.backward does."""
-    from .model import mixer_backward
+    from ..model import mixer_backward
     dx, grads = mixer_backward(dlogits, cache)
     return grads, (dx if need_dx else None)

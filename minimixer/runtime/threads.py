@@ -32,3 +32,10 @@ def parallel_map(fn, items):
     if num_threads() == 1 or len(items) < 2 or getattr(local, "serial", False):
         return [fn(i) for i in items]
     return list(executor().map(fn, items))
+
+
+def pool_for(params):
+    """The optimizers' `run` for these params: the pool on the CPU; None (in order) on a GPU, whose
+    kernels queue on one stream anyway."""
+    import numpy as np
+    return parallel_map if all(type(v) is np.ndarray for v in params.values()) else None

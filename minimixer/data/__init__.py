@@ -15,7 +15,7 @@ from importlib import resources
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .checkpoints.safetensors_io import open_regular_file
+from ..checkpoints.safetensors_io import open_regular_file
 
 # --- the 8x8 digits ------------------------------------------------------------------
 
@@ -280,7 +280,7 @@ def eval_transform(img_size, *, crop_pct=0.875, interpolation="bicubic", mean=(0
     pipeline 'mmpretrain': the same steps as MMPretrain does them, with OpenCV; that
     transform reads images with its own transform.decode(path, mode)."""
     if pipeline == "mmpretrain":
-        from .checkpoints.mmpretrain import opencv_eval_transform
+        from ..checkpoints.mmpretrain import opencv_eval_transform
         return opencv_eval_transform(img_size, crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std)
     scale = math.floor(img_size / crop_pct)
 

@@ -29,7 +29,7 @@ import sys
 
 import numpy as np
 
-from .backend import BackendError, get_xp
+from ..backend import BackendError, get_xp
 
 _comm = None
 

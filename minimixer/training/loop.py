@@ -22,14 +22,16 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import safetensors.numpy
 
-from .backend import get_xp, to_backend, to_numpy
-from .config import MixerConfig, param_shapes
-from .layers import softmax_cross_entropy
+from ..backend import get_xp, to_backend, to_numpy
+from ..config import MixerConfig, param_shapes
+from ..layers import softmax_cross_entropy
 from .metrics import count_correct
-from . import distributed, fast
-from .fast import AdamW  # optim.AdamW, each update one fused pass where Numba is installed
-from .optim import SCHEDULES, SGD, bias_and_norm, clip_grad_norm, lr_at
-from .checkpoints.safetensors_io import (atomic_target, atomic_write_bytes, check_state_dict, read_safetensors,
+from ..runtime import distributed
+from ..runtime.threads import parallel_map, pool_for
+from .. import fast
+from ..fast import AdamW  # optim.AdamW, each update one fused pass where Numba is installed
+from ..optim import SCHEDULES, SGD, bias_and_norm, clip_grad_norm, lr_at
+from ..checkpoints.safetensors_io import (atomic_target, atomic_write_bytes, check_state_dict, read_safetensors,
                                          remove_orphans, save_weights)
 
 CHECKPOINT_FORMAT = "minimixer-checkpoint-2"  # 2: sha256 of the whole file, model name, data fingerprint
@@ -114,7 +116,7 @@ def make_optimizer(params, s):
         return AdamW(params, lr=s.lr, weight_decay=s.weight_decay, no_decay=bias_and_norm)
     if s.optimizer == "sgd":
         return SGD(params, lr=s.lr, momentum=s.momentum, nesterov=True, weight_decay=s.weight_decay,
-                   no_decay=bias_and_norm)
+                   no_decay=bias_and_norm, run=pool_for(params))
     raise ValueError(f"unknown optimizer {s.optimizer!r}; expected 'adamw' or 'sgd'")
 
 
@@ -135,7 +137,7 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
         loss, grads = 0.0, {k: get_xp(v).zeros_like(v) for k, v in params.items()}
     loss = distributed.allreduce_mean(grads, loss, len(y), total)  # the global batch's mean loss and gradients
     if clip_grad:
-        clip_grad_norm(grads, clip_grad)
+        clip_grad_norm(grads, clip_grad, run=parallel_map)
     opt.lr = lr
     opt.step(grads)
     return loss

@@ -25,7 +25,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .erf import AS_A as _ERF_A, AS_P as _ERF_P, TAIL_EXP_FLOOR
+from ..erf import AS_A as _ERF_A, AS_P as _ERF_P, TAIL_EXP_FLOOR
 
 JIT = dict(nogil=True, cache=True, error_model="numpy", boundscheck=False,
            fastmath={"reassoc", "contract", "nsz", "arcp"})

@@ -1,7 +1,7 @@
 """The fast path: the same Mixer as model.py, reorganized for speed. tests/test_fast.py
 proves that it computes what the clear path computes.
 
-`minimixer.predict` and the trainer run this module. Read model.py and layers.py to
+`mm.predict` and the trainer run this module. Read model.py and layers.py to
 learn the math; read this to see where the time goes on a CPU, and why.
 
 - Matmuls are almost all the FLOPs, and NumPy's BLAS runs them as fast as PyTorch's.
@@ -18,7 +18,7 @@ learn the math; read this to see where the time goes on a CPU, and why.
   exp: gelu(x) = relu(x) - |x|·q and gelu'(x) = Φ(x) + x·φ(x), with q = Φ(-|x|).
 - Even so, NumPy makes one pass over memory per operation: about 17 for GELU. With the `fast`
   extra (Numba) installed, GELU, LayerNorm, the residual adds and AdamW run as fused one-loop
-  kernels instead (numba_kernels.py): GELU drops from about 2.6 to 0.5 ns per element, which
+  kernels instead (kernels_numba.py): GELU drops from about 2.6 to 0.5 ns per element, which
   took a share of 8 B/16 images from 0.78 to 0.89 of the GEMM ceiling, and the S/32 training
   step to 0.97-1.00x torch eager (both with glibc keeping freed blocks, see allocator.py).
   Without Numba, the NumPy kernels below run.
@@ -43,13 +43,14 @@ import threading
 
 import numpy as np
 
-from . import erf as erf_module
-from . import layers, optim, threads
-from .backend import get_xp
-from .erf import erf
-from .layers import patchify, unpatchify
-from .model import check_input
-from .threads import num_threads
+from .. import erf as erf_module
+from .. import layers, optim
+from ..runtime import threads
+from ..backend import get_xp
+from ..erf import erf
+from ..layers import patchify, unpatchify
+from ..model import check_input
+from ..runtime.threads import num_threads
 
 # --- elementwise kernels: NumPy, chunked and threaded ----------------------------------------
 
@@ -110,7 +111,7 @@ _numba_lock = threading.Lock()
 
 
 def numba_kernels(x):
-    """minimixer.numba_kernels if it can run on x (Numba installed, float32/float64 NumPy array), else None."""
+    """minimixer.fast.kernels_numba if it can run on x (Numba installed, float32/float64 NumPy array), else None."""
     if not USE_NUMBA or get_xp(x) is not np or x.dtype not in (np.float32, np.float64):
         return None
     if not _numba_module:
@@ -124,8 +125,8 @@ def _import_numba_kernels():
     if importlib.util.find_spec("numba") is None:  # not installed: the NumPy kernels below, silently
         return None
     try:
-        from . import numba_kernels
-        return numba_kernels
+        from . import kernels_numba
+        return kernels_numba
     except ImportError as e:  # e.g. a Numba built for another NumPy
         print(f"minimixer: Numba is installed but cannot run ({e}); using the NumPy kernels", file=sys.stderr)
     except Exception as e:  # noqa: BLE001  (e.g. no writable folder for Numba's cache)
@@ -721,7 +722,10 @@ def _backward_share(dlogits, cache, need_dx, grads_sum):
 class AdamW(optim.AdamW):
     """optim.AdamW with each parameter's update fused into one pass (Numba), where it can be: the
     clear update makes about ten passes over each parameter and its two moments (54 ms of a
-    1-second S/32 step)."""
+    1-second S/32 step). The updates of different parameters run on the thread pool."""
+
+    def __init__(self, params, *args, run=None, **kwargs):
+        super().__init__(params, *args, run=run or threads.pool_for(params), **kwargs)
 
     def update(self, name, p, g, state):
         nk = numba_kernels(p)

@@ -3,9 +3,9 @@ import argparse
 import os
 import sys
 
-from . import distributed
-from .backend import BackendError
-from .config import PRESETS
+from ..runtime import distributed
+from ..backend import BackendError
+from ..config import PRESETS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -66,8 +66,8 @@ OVERRIDES = ("num_classes", "img_size", "in_chans", "patch_size", "num_blocks", 
 def config_from_args(args, **defaults):
     """The config of --model (a preset or a pretrained tag), then what a --weights FILE records
     (ln_eps, gelu, classes), then the override flags that were given, and `defaults` for the rest."""
-    from .checkpoints.convert import config_for_file
-    from .checkpoints.registry import resolve
+    from ..checkpoints.convert import config_for_file
+    from ..checkpoints.registry import resolve
     overrides = dict(defaults)
     overrides.update({k: getattr(args, k) for k in OVERRIDES if getattr(args, k) is not None})
     if overrides.get("mlp_ratio") is not None:

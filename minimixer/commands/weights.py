@@ -1,0 +1,88 @@
+"""python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST: Mixer weights.
+
+    python -m minimixer.weights list
+    python -m minimixer.weights download mixer_b16_224 --to weights/
+    python -m minimixer.weights convert mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth \\
+        --out weights/mixer_b16_224.mmpretrain.safetensors
+
+The checkpoint table lives in minimixer/checkpoints/registry.py; loading every format in
+minimixer/checkpoints/convert.py (minimixer.load_weights, load_checkpoint); writing in
+minimixer/checkpoints/safetensors_io.py (minimixer.save_weights).
+"""
+import os
+import sys
+
+from ..checkpoints.convert import convert, describe
+from ..checkpoints.registry import CHECKPOINTS, PREPROCESSING, WeightsNotFound, download, local_name, resolve
+from ..checkpoints.safetensors_io import atomic_copy
+from .cli import ArgumentParser, run
+
+PROG = "python -m minimixer.weights"
+
+
+def main(argv=None):
+    """python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST"""
+    p = ArgumentParser(prog=PROG, description="pretrained Mixer weights")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("download", help="fetch a checkpoint (the Hugging Face hub, or the original file)")
+    d.add_argument("model", help="e.g. mixer_b16_224, mixer_l16_224.goog_in21k or mixer_b16_224.mmpretrain")
+    d.add_argument("--to", metavar="DIR", help="also write it to DIR/<model>.safetensors (e.g. weights/)")
+    d.add_argument("--cache-dir", help="download cache folder (default: huggingface_hub's, or ~/.cache/minimixer)")
+    sub.add_parser("list", help="list the known checkpoints")
+    c = sub.add_parser("convert", help="any Mixer checkpoint (timm safetensors, MMPretrain .pth, JAX .npz) "
+                                       "to timm-named safetensors that record their numerics")
+    c.add_argument("src", help="the file to convert; its format is detected from its contents")
+    c.add_argument("--out", required=True, metavar="DST", help="the .safetensors file to write")
+    c.add_argument("--model", help="the preset or tag SRC must be (an error names the variant otherwise)")
+    c.add_argument("--img-size", type=int, nargs="+", metavar="H [W]",
+                   help="the input size, for a patch grid that is not square")
+    c.add_argument("--ln-eps", type=float, help="record this LayerNorm eps (default: the source's; 1e-6 for timm)")
+    c.add_argument("--gelu", choices=["erf", "tanh"], help="record this GELU (default: the source's; erf for timm)")
+    c.add_argument("--preprocessing", choices=list(PREPROCESSING),
+                   help="record this input pipeline (default: the source's own; none for timm files)")
+    args = p.parse_args(argv)
+    try:
+        if args.command == "list":
+            return list_checkpoints()
+        if args.command == "convert":
+            if not args.out.endswith(".safetensors"):
+                p.error("--out must end in .safetensors")
+            if args.img_size and len(args.img_size) > 2:
+                p.error("--img-size takes H or H W")
+            img_size = tuple(args.img_size) if args.img_size and len(args.img_size) == 2 else \
+                (args.img_size[0] if args.img_size else None)
+            like = resolve(args.model)[0] if args.model else None  # the variant SRC must be
+            ck, cfg = convert(args.src, args.out, like=like, preprocessing=args.preprocessing,
+                              img_size=img_size, ln_eps=args.ln_eps, gelu=args.gelu)
+            print(f"{args.out}: {describe(cfg)} from {ck.source} ({ck.format}); "
+                  f"ln_eps {cfg.ln_eps:g}, gelu {cfg.gelu}, preprocessing {args.preprocessing or ck.preprocessing}")
+            return 0
+        path = download(args.model, cache_dir=args.cache_dir)
+        if args.to:
+            os.makedirs(args.to, exist_ok=True)
+            dest = os.path.join(args.to, local_name(args.model))
+            if path.endswith(".safetensors"):
+                atomic_copy(path, dest)
+            else:  # an original .pth/.npz: write it converted, with its numerics recorded
+                convert(path, dest, like=resolve(args.model)[0])
+            path = dest
+    except (WeightsNotFound, ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+def list_checkpoints():
+    print(f"{'tag':36s} {'classes':>7s}  {'numerics':15s} {'preprocessing':13s} where")
+    for tag, ck in CHECKPOINTS.items():
+        where = ck.repo_id or ck.url or "bundled: minimixer/assets/mixer_digits.safetensors"
+        numerics = f"eps {ck.numerics['ln_eps']:g} {ck.numerics['gelu']}"
+        pre = next(name for name, d in PREPROCESSING.items() if d == ck.data)
+        print(f"{tag:36s} {ck.num_classes:7d}  {numerics:15s} {pre:13s} {where}")
+    return 0
+
+
+def command(argv=None, prog="python -m minimixer.weights"):
+    """Run the command as its shell would: exit status, errors as one line."""
+    return run(main, argv, prog=prog)
