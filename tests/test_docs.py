@@ -109,3 +109,23 @@ def test_flag_scan_sees_flags(capsys):
     flags = invocations(help_text(["eval"], capsys))
     assert "-m" not in flags, "the scan took `python -m` in a help text for a flag"
     assert {"--data", "--data-dir", "-b", "--batch-size", "--results-file", "--model"} <= flags, sorted(flags)
+
+
+def test_readme_fresh_machine_commands_are_ci_s():
+    """README's two fresh-machine commands: the main job, and the test command .ci/run runs verbatim."""
+    readme = read(README)
+    main_job = "python3 -m venv .venv && . .venv/bin/activate && pip install -q -e . && python -m minimixer.eval"
+    assert main_job in readme, f"README lost the main job's command: {main_job}"
+    ci_default = [line for line in read(os.path.join(ROOT, ".ci", "run")).splitlines()
+                  if line.startswith("python3 -m venv .venv &&")]
+    assert ci_default, ".ci/run has no fresh-venv default test line"
+    assert ci_default[0] in readme, f"README does not show the test command .ci/run runs: {ci_default[0]}"
+
+
+def test_license_is_the_one_pyproject_names():
+    pyproject = read(os.path.join(ROOT, "pyproject.toml"))
+    assert re.search(r'^license = \{ text = "MIT" \}', pyproject, flags=re.M), "pyproject.toml no longer says MIT"
+    assert read(os.path.join(ROOT, "LICENSE")).startswith("MIT License"), "LICENSE is not the MIT license"
+    citation = read(os.path.join(ROOT, "CITATION.cff"))
+    for needed in ("cff-version: 1.2.0", "preferred-citation:", "MLP-Mixer: An all-MLP Architecture for Vision", "2105.01601"):
+        assert needed in citation, f"CITATION.cff lacks {needed!r}"
