@@ -176,7 +176,8 @@ def forward_intermediates(params, x, cfg, indices=None, *, norm=False, stop_earl
         if i in take:  # once, however often indices names it (as timm)
             y, tap_norm_cache = h, None
             if norm:
-                y, tap_norm_cache = layernorm_forward(h, params["norm.weight"], params["norm.bias"], cfg.ln_eps)  # (B, N, D)
+                y, tap_norm_cache = layernorm_forward(h, params["norm.weight"], params["norm.bias"],
+                                                      cfg.ln_eps)  # (B, N, D)
             if output_fmt == "NCHW":
                 y = y.reshape(B, gh, gw, -1).transpose(0, 3, 1, 2)  # (B, D, H/P, W/P)
             intermediates.append(y)

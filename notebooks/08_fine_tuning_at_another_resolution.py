@@ -66,7 +66,8 @@ gh, gw = cfg.grid_size
 rows, cols = np.divmod(np.arange(big_cfg.num_patches), K * gw)
 part = (rows // gh) * K + cols // gw  # which part each token of the new sequence belongs to
 W1 = big["blocks.0.mlp_tokens.fc1.weight"]
-print("new fc1", W1.shape, " new fc2", big["blocks.0.mlp_tokens.fc2.weight"].shape, " token hidden", big_cfg.token_hidden)
+print("new fc1", W1.shape, " new fc2", big["blocks.0.mlp_tokens.fc2.weight"].shape,
+      " token hidden", big_cfg.token_hidden)
 
 fig, axes = plt.subplots(1, 3, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1, 1.6, 1.6]})
 axes[0].imshow(part.reshape(K * gh, K * gw), cmap="Pastel1", vmin=0, vmax=8)

@@ -9,6 +9,8 @@ import sys
 import numpy as np
 import pytest
 import safetensors
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import minimixer as mm
 from helpers import assert_all_close
@@ -87,7 +89,7 @@ def test_the_identity_catches_a_wrong_layout():
 
     contiguous, wrong_bias = dict(big), dict(big)
     for i in range(cfg.num_blocks):
-        W1, b1, W2, b2 = (params[f"blocks.{i}.mlp_tokens.{k}"] for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
+        W1, W2, b2 = (params[f"blocks.{i}.mlp_tokens.{k}"] for k in ("fc1.weight", "fc2.weight", "fc2.bias"))
         contiguous.update({f"blocks.{i}.mlp_tokens.fc1.weight": np.kron(np.eye(4), W1),
                            f"blocks.{i}.mlp_tokens.fc2.weight": np.kron(np.eye(4), W2),
                            f"blocks.{i}.mlp_tokens.fc2.bias": np.tile(b2, 4)})
@@ -132,7 +134,8 @@ def test_resample_is_the_token_mlp_seen_through_the_resampling(old, new):
                       token_mlp(params, i, x_new @ U_pinv.T) @ U.T))
         if new[0] * new[1] >= old[0] * old[1]:
             x = rng.standard_normal((2, 8, old[0] * old[1]))
-            pairs.append((f"block {i}: mlp'(U x) vs U mlp(x)", token_mlp(small, i, x @ U.T), token_mlp(params, i, x) @ U.T))
+            pairs.append((f"block {i}: mlp'(U x) vs U mlp(x)", token_mlp(small, i, x @ U.T),
+                          token_mlp(params, i, x) @ U.T))
     assert_all_close(pairs, 1e-12)
 
 
@@ -147,6 +150,31 @@ def test_resample_identity_and_method_choice():
         resize(params, cfg, 21, "appendix_c")
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         resize(params, cfg, 22)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(gh=st.integers(1, 4), gw=st.integers(1, 4), kh=st.integers(1, 3), kw=st.integers(1, 3),
+       nh=st.integers(1, 6), nw=st.integers(1, 6), seed=st.integers(0, 2**16))
+def test_token_mlps_for_any_grid(gh, gw, kh, kw, nh, nw, seed):
+    """Any grid and whole factors: each part of the Appendix C token MLP's output is the old MLP
+    on that part's tokens. Any new grid: resample's property holds."""
+    cfg = mm.MixerConfig(num_classes=2, img_size=(gh, gw), in_chans=1, patch_size=1, num_blocks=1, embed_dim=3)
+    params = nontrivial(cfg, seed)
+    rng = np.random.default_rng(seed)
+    big, _ = appendix_c(params, cfg, (kh, kw))
+    grid = rng.standard_normal((2, 3, kh * gh, kw * gw))  # (B, D, new grid)
+    out = token_mlp(big, 0, grid.reshape(2, 3, -1)).reshape(grid.shape)
+    pairs = []
+    for r in range(kh):
+        for c in range(kw):
+            crop = grid[:, :, r * gh:(r + 1) * gh, c * gw:(c + 1) * gw]
+            pairs.append((f"part {r},{c}", out[:, :, r * gh:(r + 1) * gh, c * gw:(c + 1) * gw],
+                          token_mlp(params, 0, crop.reshape(2, 3, -1)).reshape(crop.shape)))
+    small, _ = resample(params, cfg, (nh, nw))
+    U, U_pinv = grid_resampler((gh, gw), (nh, nw))
+    x_new = rng.standard_normal((2, 3, nh * nw))
+    pairs.append(("resample", token_mlp(small, 0, x_new), token_mlp(params, 0, x_new @ U_pinv.T) @ U.T))
+    assert_all_close(pairs, 1e-10)
 
 
 @pytest.mark.timm

@@ -1,4 +1,4 @@
-"""python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST | resize SRC --img-size S --out DST.
+"""python -m minimixer.weights download NAME | list | convert SRC | resize SRC --img-size S: Mixer weights.
 
     python -m minimixer.weights list
     python -m minimixer.weights download mixer_b16_224 --to weights/
@@ -24,7 +24,8 @@ PROG = "python -m minimixer.weights"
 
 
 def main(argv=None):
-    """python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST"""
+    """python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST
+    | resize SRC --img-size S --out DST"""
     p = ArgumentParser(prog=PROG, description="pretrained Mixer weights")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch a checkpoint (the Hugging Face hub, or the original file)")
