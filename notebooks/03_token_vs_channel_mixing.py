@@ -235,23 +235,12 @@ for px in (224, 384, 448):
 # cross where 2·N·DS·D = 2·N²·D, at N = DS = 384 tokens (≈ 313 px for P = 16). In practice the
 # channel MLP dominates both.
 #
-# ## Higher resolution: fine-tuning with a bigger token MLP (the paper's Appendix C)
-# Since `fc1.weight` is (DS, N), a new resolution needs a new token MLP. Going from N to K²·N
-# patches (K times the side), Appendix C of the paper initializes the larger token MLP from the
-# pretrained one, **block-diagonally**: K² copies of the pretrained weights on the diagonal (hidden
-# width K²·DS), so that each of K² groups of N patches is first mixed exactly as before, and
-# fine-tuning then learns to mix across groups. The check: the block-diagonal MLP on the
-# concatenated groups equals the old MLP on each group.
-
-# %%
-K = 2
-W2, b2 = p["mlp_tokens.fc2.weight"], p["mlp_tokens.fc2.bias"]  # (N, DS), (N,)
-big = [np.kron(np.eye(K * K), W1), np.tile(b1, K * K), np.kron(np.eye(K * K), W2), np.tile(b2, K * K)]
-print("token MLP at", K, "× the side: fc1", big[0].shape, " fc2", big[2].shape)
-groups = rng.standard_normal((1, D, K * K * N))  # (B, D, K²·N): the transposed table, K² groups of N
-new = layers.mlp_forward(groups, *big)[0]
-old = np.concatenate([layers.mlp_forward(groups[..., g * N:(g + 1) * N], W1, b1, W2, b2)[0] for g in range(K * K)], -1)
-print(f"block-diagonal MLP vs old MLP per group: max |Δ| = {np.abs(new - old).max():.0e}")
+# ## Higher resolution: the token MLP is tied to N
+# Since `fc1.weight` is (DS, N), a new resolution needs a new token MLP. The paper's Appendix C
+# builds it from the pretrained one, block-diagonally over K×K *spatial* parts of the patch grid
+# (tokens are row-major over the whole grid, so a part is not a contiguous run of the sequence).
+# Notebook 8 (`08_fine_tuning_at_another_resolution.py`) builds it, draws it on the patch grid,
+# checks the identity it implies and fine-tunes with it.
 
 # %% [markdown]
 # ## Exercises

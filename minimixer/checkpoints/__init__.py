@@ -7,4 +7,5 @@ Bottom to top (each module imports only those above it in this list):
 - preprocessing: the named input pipelines (mean, std, crop, interpolation)
 - convert: one way in for every format: detect, map to timm's names, load_weights, convert
 - registry: pretrained tags, their numerics and preprocessing, class names, downloads
+- resize: a checkpoint for another image size (the paper's Appendix C, or resampling); uses convert
 """

@@ -30,6 +30,7 @@ from ..data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_
 from ..optim import SCHEDULES
 from ..params import init_params
 from ..training.loop import OPTIMIZERS, SETTING_RULES, Interrupted, TrainSettings, fit, load_checkpoint, setting_problem
+from ..checkpoints.resize import fit_to, resized_config
 from ..checkpoints.safetensors_io import check_state_dict, read_safetensors
 
 PROG = "python -m minimixer.train"
@@ -202,6 +203,9 @@ def make_loaders(data, cfg, settings, workers, folder=None):
 def init_from(path, cfg, dtype, seed):
     """Weights from a file; if its head has another number of classes, a fresh (zero) head."""
     tensors = read_safetensors(path)
+    tensors, resized = fit_to(tensors, cfg, path)  # made for another image size (checkpoints/resize.py)
+    if resized:
+        print(resized)
     head = tensors.get("head.weight")
     file_classes = head.shape[0] if head is not None and head.ndim == 2 else cfg.num_classes
     check_state_dict({k: v.shape for k, v in tensors.items()}, param_shapes(cfg.replace(num_classes=file_classes)),
@@ -301,6 +305,8 @@ def fresh_run(args, out):
     cfg = cli.config_from_args(args, **({"num_classes": data_classes} if data_classes else {}))
     dtype = args.dtype or "float32"
 
+    if args.init_from:  # the token hidden width of the weights resized to --img-size
+        cfg = resized_config(args.init_from, cfg)
     loaded = init_from(args.init_from, cfg, dtype, settings.seed) if args.init_from else None
 
     def params():  # after the data checks: a large model takes seconds to initialize

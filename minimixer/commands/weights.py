@@ -1,18 +1,21 @@
-"""python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST: Mixer weights.
+"""python -m minimixer.weights download NAME | list | convert SRC | resize SRC --img-size S: Mixer weights.
 
     python -m minimixer.weights list
     python -m minimixer.weights download mixer_b16_224 --to weights/
     python -m minimixer.weights convert mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth \\
         --out weights/mixer_b16_224.mmpretrain.safetensors
+    python -m minimixer.weights resize weights/mixer_s32_224.safetensors --img-size 448 --out s32_448.safetensors
 
 The checkpoint table lives in minimixer/checkpoints/registry.py; loading every format in
 minimixer/checkpoints/convert.py (minimixer.load_weights, load_checkpoint); writing in
-minimixer/checkpoints/safetensors_io.py (minimixer.save_weights).
+minimixer/checkpoints/safetensors_io.py (minimixer.save_weights); resizing to another image size
+in minimixer/checkpoints/resize.py (docs/transfer.md).
 """
 import os
 import sys
 
 from ..checkpoints.convert import convert, describe
+from ..checkpoints.resize import METHODS, resize_file
 from ..checkpoints.registry import CHECKPOINTS, PREPROCESSING, WeightsNotFound, download, local_name, resolve
 from ..checkpoints.safetensors_io import atomic_copy
 from .cli import ArgumentParser, run
@@ -21,7 +24,8 @@ PROG = "python -m minimixer.weights"
 
 
 def main(argv=None):
-    """python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST"""
+    """python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST
+    | resize SRC --img-size S --out DST"""
     p = ArgumentParser(prog=PROG, description="pretrained Mixer weights")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch a checkpoint (the Hugging Face hub, or the original file)")
@@ -40,11 +44,19 @@ def main(argv=None):
     c.add_argument("--gelu", choices=["erf", "tanh"], help="record this GELU (default: the source's; erf for timm)")
     c.add_argument("--preprocessing", choices=list(PREPROCESSING),
                    help="record this input pipeline (default: the source's own; none for timm files)")
+    r = sub.add_parser("resize", help="a Mixer for another image size: new token MLPs from the pretrained ones "
+                                      "(the paper's Appendix C where the patch grid grows by a whole factor)")
+    r.add_argument("src", help="the weights to resize (any format convert reads)")
+    r.add_argument("--img-size", type=int, nargs="+", required=True, metavar="H [W]", help="the new input size")
+    r.add_argument("--out", required=True, metavar="DST", help="the .safetensors file to write")
+    r.add_argument("--model", help="the preset or tag SRC is (for its image size, if its grid is not square)")
+    r.add_argument("--method", choices=METHODS, help="appendix_c (the default where the grid grows by whole "
+                                                     "factors) or resample (any size; docs/transfer.md)")
     args = p.parse_args(argv)
     try:
         if args.command == "list":
             return list_checkpoints()
-        if args.command == "convert":
+        if args.command in ("convert", "resize"):
             if not args.out.endswith(".safetensors"):
                 p.error("--out must end in .safetensors")
             if args.img_size and len(args.img_size) > 2:
@@ -52,6 +64,12 @@ def main(argv=None):
             img_size = tuple(args.img_size) if args.img_size and len(args.img_size) == 2 else \
                 (args.img_size[0] if args.img_size else None)
             like = resolve(args.model)[0] if args.model else None  # the variant SRC must be
+        if args.command == "resize":
+            old, new, method = resize_file(args.src, args.out, img_size, like=like, method=args.method)
+            print(f"{args.out}: {describe(new)}, token hidden {new.token_hidden} (mlp_ratio "
+                  f"{new.mlp_ratio[0]:g}, {new.mlp_ratio[1]:g}), by {method} from {old.image_hw[0]}x{old.image_hw[1]}")
+            return 0
+        if args.command == "convert":
             ck, cfg = convert(args.src, args.out, like=like, preprocessing=args.preprocessing,
                               img_size=img_size, ln_eps=args.ln_eps, gelu=args.gelu)
             print(f"{args.out}: {describe(cfg)} from {ck.source} ({ck.format}); "
