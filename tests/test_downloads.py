@@ -228,6 +228,14 @@ def test_a_poisoned_cache_is_fetched_again(hub, capsys):
         path = registry.find_weights("mixer_b16_224", "auto")  # eval's and predict's --weights auto
         err = capsys.readouterr().err
         assert "fetching it again" in err and open(path, "rb").read() == GOOD
+    # a bad cached file that cannot be fetched again leaves nothing behind either
+    (cache / f"{TAG}.safetensors").write_bytes(HTML)
+    server.scenario = "short"
+    with pytest.raises(registry.WeightsNotFound, match="short"):
+        registry.find_weights("mixer_b16_224", "auto")
+    assert cache_listing(cache) == []
+    server.scenario = "good"
+    path = registry.find_weights("mixer_b16_224", "auto")
     # a good cached file is used without asking the server
     before = len(server.seen)
     assert registry.find_weights("mixer_b16_224", "auto") == path and len(server.seen) == before

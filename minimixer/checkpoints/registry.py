@@ -209,7 +209,9 @@ def download(name, *, cache_dir=None, timeout=None, full_check=False):
             return path
         except DownloadError as e:
             print(f"{path}: {e}; fetching it again", file=sys.stderr)
-            os.remove(path)
+            for bad in (path, path + ".sha256"):
+                if os.path.lexists(bad):
+                    os.remove(bad)
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise WeightsNotFound(f"could not download {url} (offline: HF_HUB_OFFLINE is set). {by_hand}")
     try:
