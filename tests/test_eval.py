@@ -328,7 +328,7 @@ def test_weights_download_via_loopback_hub(hub, tmp_path):
 
 
 def test_offline_download_says_where_to_put_the_file(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MINIMIXER_CACHE": str(tmp_path / "cache")}
     r = cmd("weights", "download", "mixer_l16_224", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "timm/mixer_l16_224.goog_in21k_ft_in1k/resolve/main/model.safetensors by hand" in r.stderr

@@ -10,8 +10,9 @@ every check the source allows has passed, so a cache never holds a bad file:
   Google Cloud Storage's MD5 (x-goog-hash), MMPretrain's SHA-256 prefix (in its file names);
 - contents: a safetensors header whose tensors end exactly at the end of the file, a zip
   (.npz, torch .pth) whose every member passes its CRC-32, and a Mixer checkpoint in it;
-- an overall deadline: a server that trickles bytes, or none, ends the download in bounded
-  time (reads return after each packet; the socket waits at most 30 s, or the timeout).
+- an overall deadline: a server that trickles bytes (body or headers), or sends none, or a name
+  lookup that hangs, ends the download in bounded time (the network part runs in a thread that
+  is waited for until the deadline).
 Failures raise DownloadError with a one-line reason; the caller adds what to do.
 """
 import base64
@@ -21,6 +22,7 @@ import json
 import os
 import socket
 import struct
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -89,64 +91,88 @@ def announced(hops, final_url, final_headers):
 
 def fetch(url, path, *, kind, sha256_prefix=None, timeout=DEFAULT_TIMEOUT):
     """Download url to path (renamed into place only once checked); returns its SHA-256,
-    which is also written to path + '.sha256' (sha256sum's format). Raises DownloadError."""
+    which is also written to path + '.sha256' (sha256sum's format). Raises DownloadError.
+
+    The network part runs in a daemon thread that this one waits for until the deadline:
+    so name lookup, connecting, headers sent byte by byte and a trickling body are all bounded
+    (a socket timeout alone restarts with every byte). A thread left behind stops at its next
+    read, and the temporary file it writes into is removed here."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}")
     deadline = time.monotonic() + timeout
+    with atomic_target(path) as tmp:
+        state = {"got": 0, "size": None, "cancel": False}
+        with open(tmp, "wb") as f:  # opened here, so a late thread can never create a file
+            worker = threading.Thread(target=_receive, args=(url, f, deadline, timeout, state), daemon=True)
+            try:
+                worker.start()
+                worker.join(max(0.0, deadline - time.monotonic()) + 0.1)
+            finally:
+                state["cancel"] = True  # also on Ctrl-C: the thread stops at its next read
+            if not worker.is_alive() and "error" not in state and not state.get("late"):
+                f.flush()
+                os.fsync(f.fileno())
+        if worker.is_alive() or state.get("late"):
+            raise DownloadError(f"not complete after {timeout:g} s ({_progress(state['got'], state['size'])}); "
+                                f"a slow connection needs a longer --timeout")
+        if "error" in state:
+            raise state["error"]
+        size, sha256, md5, got = state["size"], state["sha256"], state["md5"], state["got"]
+        if size is not None and got != size:
+            raise DownloadError(f"the body is short: {_progress(got, size)}")
+        hexdigest = state["digest"].hexdigest()
+        if sha256 and hexdigest != sha256:
+            raise DownloadError(f"SHA-256 {hexdigest[:16]}... is not the {sha256[:16]}... "
+                                f"the server announced: a damaged download")
+        if md5 and base64.b64encode(state["md5_digest"].digest()).decode() != md5:
+            raise DownloadError(f"MD5 is not the {md5} the server announced: a damaged download")
+        check_file(tmp, kind, full=True, sha256_prefix=sha256_prefix, sha256=hexdigest)
+        atomic_write_bytes(path + ".sha256", f"{hexdigest}  {os.path.basename(path)}\n".encode())
+    return hexdigest
+
+
+def _receive(url, f, deadline, timeout, state):
+    """fetch's network part: the body into the open file f, hashed on the way; results and
+    errors in state."""
     hops = _Hops()
     opener = urllib.request.build_opener(hops)
     request = urllib.request.Request(url, headers={"User-Agent": "minimixer"})
-    got, size = 0, None
+    wait = min(SOCKET_TIMEOUT, timeout)
     try:
-        with opener.open(request, timeout=min(SOCKET_TIMEOUT, timeout)) as response:
+        with opener.open(request, timeout=wait) as response:
             if response.headers.get_content_type() == "text/html":
                 raise DownloadError("the server answered with a web page (text/html), not the file")
-            size, sha256, md5 = announced(hops.hops, response.geturl(), response.headers)
+            size, state["sha256"], md5 = announced(hops.hops, response.geturl(), response.headers)
+            state["size"], state["md5"] = size, md5
             digest, md5_digest = hashlib.sha256(), hashlib.md5() if md5 else None
-            with atomic_target(path) as tmp:
-                with open(tmp, "wb") as f:
-                    while True:
-                        if time.monotonic() > deadline:
-                            raise DownloadError(f"not complete after {timeout:g} s ({_progress(got, size)}); "
-                                                f"a slow connection needs a longer --timeout")
-                        chunk = response.read1(CHUNK)  # returns what has arrived: the deadline is checked often
-                        if not chunk:
-                            break
-                        got += len(chunk)
-                        if size is not None and got > size:
-                            raise DownloadError(f"the server sent more than the {size} bytes it announced")
-                        digest.update(chunk)
-                        if md5_digest:
-                            md5_digest.update(chunk)
-                        f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-                if size is not None and got != size:
-                    raise DownloadError(f"the body is short: {_progress(got, size)}")
-                hexdigest = digest.hexdigest()
-                if sha256 and hexdigest != sha256:
-                    raise DownloadError(f"SHA-256 {hexdigest[:16]}... is not the {sha256[:16]}... "
-                                        f"the server announced: a damaged download")
-                if md5 and base64.b64encode(md5_digest.digest()).decode() != md5:
-                    raise DownloadError(f"MD5 is not the {md5} the server announced: a damaged download")
-                check_file(tmp, kind, full=True, sha256_prefix=sha256_prefix, sha256=hexdigest)
-                atomic_write_bytes(path + ".sha256", f"{hexdigest}  {os.path.basename(path)}\n".encode())
-            return hexdigest
-    except DownloadError:
-        raise
+            state["digest"], state["md5_digest"] = digest, md5_digest
+            while True:
+                if state["cancel"] or time.monotonic() > deadline:
+                    state["late"] = True
+                    return
+                chunk = response.read1(CHUNK)  # returns what has arrived: the deadline is checked often
+                if not chunk:
+                    break
+                state["got"] += len(chunk)
+                if size is not None and state["got"] > size:
+                    raise DownloadError(f"the server sent more than the {size} bytes it announced")
+                digest.update(chunk)
+                if md5_digest:
+                    md5_digest.update(chunk)
+                f.write(chunk)
+    except DownloadError as e:
+        state["error"] = e
     except urllib.error.HTTPError as e:
-        raise DownloadError(f"HTTP {e.code} {e.reason}") from None
+        state["error"] = DownloadError(f"HTTP {e.code} {e.reason}")
     except urllib.error.URLError as e:
-        reason = e.reason
-        if isinstance(reason, (socket.timeout, TimeoutError)):
-            raise DownloadError(f"no answer within {min(SOCKET_TIMEOUT, timeout):g} s") from None
-        raise DownloadError(str(reason)) from None
+        timed_out = isinstance(e.reason, (socket.timeout, TimeoutError))
+        state["error"] = DownloadError(f"no answer within {wait:g} s" if timed_out else str(e.reason))
     except (socket.timeout, TimeoutError):
-        raise DownloadError(f"no data for {min(SOCKET_TIMEOUT, timeout):g} s ({_progress(got, size)})") from None
+        state["error"] = DownloadError(f"no data for {wait:g} s ({_progress(state['got'], state['size'])})")
     except http.client.IncompleteRead as e:
-        raise DownloadError(f"the connection closed early ({_progress(len(e.partial), size)})") from None
-    except (http.client.HTTPException, ConnectionError) as e:
-        raise DownloadError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+        state["error"] = DownloadError(f"the connection closed early ({_progress(len(e.partial), state['size'])})")
+    except (http.client.HTTPException, OSError, ValueError) as e:
+        state["error"] = DownloadError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
 
 
 def _progress(got, size):

@@ -4,6 +4,7 @@ This is the one place that says how each model's inputs are prepared (mean, std,
 crop_pct, interpolation, and whose pipeline) and where its weights come from. The timm
 tags' values are timm's pretrained_cfg (timm/models/mlp_mixer.py default_cfgs); the
 MMPretrain and JAX tags load the original files (checkpoints/mmpretrain.py, jax.py).
+Every tag's file is downloaded from its source, checked before it is cached (download.py).
 The command that uses it is `python -m minimixer.weights` (minimixer/commands/weights.py).
 """
 import gzip
