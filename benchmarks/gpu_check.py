@@ -40,7 +40,8 @@ import json, cupy
 n = cupy.cuda.runtime.getDeviceCount()
 p = cupy.cuda.runtime.getDeviceProperties(0)
 free, total = cupy.cuda.Device(0).mem_info
-print(json.dumps({"devices": n, "name": p["name"].decode(), "memory_gb": round(total / 2**30, 1),
+name = p["name"].decode() if isinstance(p["name"], bytes) else str(p["name"])
+print(json.dumps({"devices": n, "name": name, "memory_gb": round(total / 2**30, 1),
                   "cupy": cupy.__version__, "cuda_runtime": cupy.cuda.runtime.runtimeGetVersion()}))
 """
 

@@ -94,3 +94,30 @@ def test_a_step_that_runs_out_of_budget_fails_in_time():
     r = script("--backend", "numpy", "--steps", "bench", "--compare", "", "--model", "mixer_b16_224",
                "--batch-size", "64", "--budget", "8", timeout=60)
     assert r.returncode == 1 and "| bench | FAIL | timed out" in r.stdout, r.stdout + r.stderr
+
+
+FAKE_CUDA = '''
+class runtime:
+    getDeviceCount = staticmethod(lambda: 1)
+    getDeviceProperties = staticmethod(lambda i: {"name": b"Fake GPU"})
+    runtimeGetVersion = staticmethod(lambda: 12080)
+
+
+class Device:
+    def __init__(self, i):
+        self.mem_info = (2**30, 80 * 2**30)
+'''
+
+
+def test_the_probe_reads_a_device_and_reports_a_broken_one(tmp_path, monkeypatch):
+    """The probe runs in a child: here a stand-in `cupy` package on its path answers it."""
+    (tmp_path / "cupy" / "cuda").mkdir(parents=True)
+    (tmp_path / "cupy" / "__init__.py").write_text("__version__ = '13.6.0'\nfrom . import cuda\n")
+    (tmp_path / "cupy" / "cuda" / "__init__.py").write_text(FAKE_CUDA)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    row, reason = gpu_check.probe_gpu(gpu_check.Budget(60))
+    assert reason is None and row["ok"] and row["detail"] == "Fake GPU, 80.0 GiB, CuPy 13.6.0, CUDA runtime 12080"
+    (tmp_path / "cupy" / "cuda" / "__init__.py").write_text(
+        "class runtime:\n    def getDeviceCount():\n        raise RuntimeError('cudaErrorNoDevice: no CUDA-capable device')\n")
+    row, reason = gpu_check.probe_gpu(gpu_check.Budget(60))
+    assert row is None and reason == "RuntimeError: cudaErrorNoDevice: no CUDA-capable device"
