@@ -89,6 +89,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             "npz": (NPZ, "application/octet-stream", None, None, self.server.extra),
             "short_npz": (NPZ[: len(NPZ) // 2], "application/octet-stream", None, None, {}),
             "pth": (PTH, "application/octet-stream", None, None, {}),
+            "body": (getattr(self.server, "body", b""), "application/octet-stream", None, None, {}),
         }[name]
         if name == "not_found":
             self._head(404, ctype, 0, None)

@@ -86,3 +86,65 @@ def test_imagenet21k_names_match_timm():
     ours = registry.imagenet21k_classes()
     assert [w for w, _ in ours] == list(info.label_names())
     assert [n for _, n in ours] == [info.index_to_description(i) for i in range(21843)]
+
+
+# --- end to end: a Google tag through predict --weights auto, from a loopback server -----------
+
+from test_downloads import server  # noqa: E402,F401 - the loopback server fixture
+
+FLAX = {"norm1.weight": "LayerNorm_0/scale", "norm1.bias": "LayerNorm_0/bias",
+        "norm2.weight": "LayerNorm_1/scale", "norm2.bias": "LayerNorm_1/bias",
+        "mlp_tokens.fc1.weight": "token_mixing/Dense_0/kernel", "mlp_tokens.fc1.bias": "token_mixing/Dense_0/bias",
+        "mlp_tokens.fc2.weight": "token_mixing/Dense_1/kernel", "mlp_tokens.fc2.bias": "token_mixing/Dense_1/bias",
+        "mlp_channels.fc1.weight": "channel_mixing/Dense_0/kernel",
+        "mlp_channels.fc1.bias": "channel_mixing/Dense_0/bias",
+        "mlp_channels.fc2.weight": "channel_mixing/Dense_1/kernel",
+        "mlp_channels.fc2.bias": "channel_mixing/Dense_1/bias"}
+FLAX_TOP = {"stem.proj.weight": "stem/kernel", "stem.proj.bias": "stem/bias", "norm.weight": "pre_head_layer_norm/scale",
+            "norm.bias": "pre_head_layer_norm/bias", "head.weight": "head/kernel", "head.bias": "head/bias"}
+
+
+def google_npz(params):
+    """params (timm's names and layouts) as Google's .npz: Flax names, HWIO and (in, out) kernels."""
+    import io
+
+    import numpy as np
+    out = {}
+    for name, a in params.items():
+        if name in FLAX_TOP:
+            key = FLAX_TOP[name]
+        else:
+            _, i, rest = name.split(".", 2)
+            key = f"MixerBlock_{i}/{FLAX[rest]}"
+        out[key] = a.transpose(2, 3, 1, 0) if key == "stem/kernel" else (a.T if key.endswith("/kernel") else a)
+    buf = io.BytesIO()
+    np.savez(buf, **out)
+    return buf.getvalue()
+
+
+def test_a_jax_tag_predicts_through_weights_auto(server, tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import json
+
+    import numpy as np
+
+    import minimixer as mm
+    from minimixer.commands import predict as mpredict
+    tag = "mixer_s32_224.jax_gsam_in1k"
+    cfg, _, ck = registry.resolve(tag)
+    rng = np.random.default_rng(0)
+    params = {k: (rng.standard_normal(v.shape) * 0.02 + (1.0 if k.endswith("norm1.weight") or k.endswith(
+        "norm2.weight") or k == "norm.weight" else 0.0)).astype(np.float32) for k, v in mm.init_params(cfg).items()}
+    server.scenario, server.body = "body", google_npz(params)
+    monkeypatch.setitem(registry.CHECKPOINTS, tag, dataclasses.replace(ck, url=f"{server.url}/gsam/Mixer-S_32.npz"))
+    monkeypatch.setenv("MINIMIXER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    img = os.path.join(os.path.dirname(__file__), "images", "china.jpg")
+    assert cli.run(mpredict.main, [img, "--model", tag, "--json"]) == 0, capsys.readouterr().err
+    top = json.loads(capsys.readouterr().out)[0]["topk"]
+    names = registry.class_names(tag, 1000)
+    assert all(t["label"] == names[t["index"]] for t in top)  # ImageNet-1k names
+    # the cached file holds the weights that were served, in timm's layout after loading
+    loaded = mm.load_weights(tmp_path / "cache" / f"{tag}.npz", cfg)
+    assert all(np.array_equal(loaded[k], params[k]) for k in params)
+    assert sorted(os.listdir(tmp_path / "cache")) == [f"{tag}.npz", f"{tag}.npz.sha256"]
