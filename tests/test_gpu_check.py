@@ -65,7 +65,8 @@ def test_bench_row_passes_only_under_the_logit_tolerance():
               "batches": [{"batch_size": 256, "img_per_s": {"minimixer": 3000.0, "timm": 2500.0},
                            "logits_max_rel_diff": {"timm": 4e-7}}]}
     row = gpu_check.bench_row(result, 12.0)
-    assert row["ok"] and "minimixer 3000 img/s; timm 2500 img/s (1.20x), logits max rel diff 4.0e-07" in row["detail"]
+    assert row["ok"] and "minimixer 3000 img/s; timm 2500 img/s (1.20x), logits max rel diff 4.0e-07" in \
+        row["detail"]
     result["batches"][0]["logits_max_rel_diff"]["timm"] = 2 * gpu_check.LOGIT_TOL
     assert not gpu_check.bench_row(result, 12.0)["ok"]
 
@@ -118,6 +119,7 @@ def test_the_probe_reads_a_device_and_reports_a_broken_one(tmp_path, monkeypatch
     row, reason = gpu_check.probe_gpu(gpu_check.Budget(60))
     assert reason is None and row["ok"] and row["detail"] == "Fake GPU, 80.0 GiB, CuPy 13.6.0, CUDA runtime 12080"
     (tmp_path / "cupy" / "cuda" / "__init__.py").write_text(
-        "class runtime:\n    def getDeviceCount():\n        raise RuntimeError('cudaErrorNoDevice: no CUDA-capable device')\n")
+        "class runtime:\n    def getDeviceCount():\n"
+        "        raise RuntimeError('cudaErrorNoDevice: no CUDA-capable device')\n")
     row, reason = gpu_check.probe_gpu(gpu_check.Budget(60))
     assert row is None and reason == "RuntimeError: cudaErrorNoDevice: no CUDA-capable device"

@@ -90,7 +90,7 @@ def test_imagenet21k_names_match_timm():
 
 # --- end to end: a Google tag through predict --weights auto, from a loopback server -----------
 
-from test_downloads import server  # noqa: E402,F401 - the loopback server fixture
+from test_downloads import server  # noqa: E402,F401,F811 - the loopback server fixture
 
 FLAX = {"norm1.weight": "LayerNorm_0/scale", "norm1.bias": "LayerNorm_0/bias",
         "norm2.weight": "LayerNorm_1/scale", "norm2.bias": "LayerNorm_1/bias",
@@ -100,8 +100,9 @@ FLAX = {"norm1.weight": "LayerNorm_0/scale", "norm1.bias": "LayerNorm_0/bias",
         "mlp_channels.fc1.bias": "channel_mixing/Dense_0/bias",
         "mlp_channels.fc2.weight": "channel_mixing/Dense_1/kernel",
         "mlp_channels.fc2.bias": "channel_mixing/Dense_1/bias"}
-FLAX_TOP = {"stem.proj.weight": "stem/kernel", "stem.proj.bias": "stem/bias", "norm.weight": "pre_head_layer_norm/scale",
-            "norm.bias": "pre_head_layer_norm/bias", "head.weight": "head/kernel", "head.bias": "head/bias"}
+FLAX_TOP = {"stem.proj.weight": "stem/kernel", "stem.proj.bias": "stem/bias",
+            "norm.weight": "pre_head_layer_norm/scale", "norm.bias": "pre_head_layer_norm/bias",
+            "head.weight": "head/kernel", "head.bias": "head/bias"}
 
 
 def google_npz(params):
@@ -133,10 +134,12 @@ def test_a_jax_tag_predicts_through_weights_auto(server, tmp_path, monkeypatch, 
     tag = "mixer_s32_224.jax_gsam_in1k"
     cfg, _, ck = registry.resolve(tag)
     rng = np.random.default_rng(0)
-    params = {k: (rng.standard_normal(v.shape) * 0.02 + (1.0 if k.endswith("norm1.weight") or k.endswith(
-        "norm2.weight") or k == "norm.weight" else 0.0)).astype(np.float32) for k, v in mm.init_params(cfg).items()}
+    ones = ("norm.weight", "norm1.weight", "norm2.weight")  # LayerNorm scales near 1, the rest near 0
+    params = {k: (rng.standard_normal(v.shape) * 0.02 + k.endswith(ones)).astype(np.float32)
+              for k, v in mm.init_params(cfg).items()}
     server.scenario, server.body = "body", google_npz(params)
-    monkeypatch.setitem(registry.CHECKPOINTS, tag, dataclasses.replace(ck, url=f"{server.url}/gsam/Mixer-S_32.npz"))
+    url = f"{server.url}/gsam/Mixer-S_32.npz"
+    monkeypatch.setitem(registry.CHECKPOINTS, tag, dataclasses.replace(ck, url=url))
     monkeypatch.setenv("MINIMIXER_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
     img = os.path.join(os.path.dirname(__file__), "images", "china.jpg")

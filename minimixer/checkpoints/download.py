@@ -56,7 +56,7 @@ class _Hops(urllib.request.HTTPRedirectHandler):
 
 def _hex64(value):
     value = (value or "").strip()
-    value = value[2:] if value.startswith("W/") else value
+    value = value.removeprefix("W/")
     value = value.strip('"').lower()
     return value if len(value) == 64 and all(c in "0123456789abcdef" for c in value) else None
 
