@@ -1,7 +1,7 @@
 """python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST: Mixer weights.
 
     python -m minimixer.weights list
-    python -m minimixer.weights download mixer_b16_224 --to weights/
+    python -m minimixer.weights download mixer_b16_224 --to weights/    # checked: docs/reliability-downloads.md
     python -m minimixer.weights convert mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth \\
         --out weights/mixer_b16_224.mmpretrain.safetensors
 
