@@ -211,8 +211,10 @@ def download(name, *, cache_dir=None, timeout=None, full_check=False):
         except DownloadError as e:
             print(f"{path}: {e}; fetching it again", file=sys.stderr)
             for bad in (path, path + ".sha256"):
-                if os.path.lexists(bad):
+                try:
                     os.remove(bad)
+                except FileNotFoundError:  # never written, or another process removed it first
+                    pass
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise WeightsNotFound(f"could not download {url} (offline: HF_HUB_OFFLINE is set). {by_hand}")
     try:
