@@ -145,7 +145,7 @@ def test_tags_carry_numerics_preprocessing_and_classes(capsys):
     assert registry.class_names("mixer_b16_224.jax_in21k_ft_in1k", 1000)[1].startswith("goldfish")
     assert weights_main(["list"]) == 0
     out = capsys.readouterr().out
-    for tag in ("mixer_b16_224.mmpretrain", "mixer_l16_224.mmpretrain", "mixer_b16_224.jax_in21k_ft_in1k",
+    for tag in ("mixer_b16_224.mmpretrain", "mixer_l16_224.mmpretrain", "mixer_b16_224.jax_in1k",
                 "mixer_b16_224.jax_in21k"):
         assert tag in out
 

@@ -303,12 +303,13 @@ class FakeHub(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def hub(tmp_path):
-    payload = os.urandom(50_000)
+    payload = open(BUNDLED_DIGITS, "rb").read()  # downloads are parsed before they are cached
     FakeHub.files = {"/timm/mixer_b16_224.goog_in21k_ft_in1k/resolve/main/model.safetensors": payload}
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path / "hf")}, payload
+    yield {"HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path / "hf"),
+           "MINIMIXER_CACHE": str(tmp_path / "cache")}, payload
     server.shutdown()
 
 
@@ -319,7 +320,7 @@ def test_weights_download_via_loopback_hub(hub, tmp_path):
     path = r.stdout.strip()
     assert path == str(tmp_path / "w" / "mixer_b16_224.goog_in21k_ft_in1k.safetensors")
     assert open(path, "rb").read() == payload
-    cached = list((tmp_path / "hf").rglob("model.safetensors"))
+    cached = list((tmp_path / "cache").glob("*.safetensors"))
     assert cached and open(cached[0], "rb").read() == payload
     # a second call is served from the cache, even offline
     r = cmd("weights", "download", "mixer_b16_224", env={**env, "HF_HUB_OFFLINE": "1"})
@@ -327,7 +328,7 @@ def test_weights_download_via_loopback_hub(hub, tmp_path):
 
 
 def test_offline_download_says_where_to_put_the_file(tmp_path):
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "MINIMIXER_CACHE": str(tmp_path / "cache")}
     r = cmd("weights", "download", "mixer_l16_224", env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "timm/mixer_l16_224.goog_in21k_ft_in1k/resolve/main/model.safetensors by hand" in r.stderr

@@ -535,13 +535,12 @@ def test_shape_mismatch_names_the_first_few_and_the_count():
     assert msg.endswith("; ... (49 more)") and len(msg) < 1000
 
 
-def test_weights_download_does_not_suggest_a_flag_it_lacks(capsys, monkeypatch):
-    import huggingface_hub
-
+def test_weights_download_does_not_suggest_a_flag_it_lacks(capsys, monkeypatch, tmp_path):
     def offline(*args, **kwargs):
-        raise OSError("offline")
+        raise registry.DownloadError("offline")
 
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    monkeypatch.setattr(registry, "fetch", offline)
+    monkeypatch.setenv("MINIMIXER_CACHE", str(tmp_path))  # nothing cached: every name is fetched
     for name in ("mixer_s16_224", "mixer_b16_224"):
         assert cli.run(mweights.main, ["download", name], prog="python -m minimixer.weights") == 2
         err = capsys.readouterr().err

@@ -6,6 +6,7 @@ Bottom to top (each module imports only those above it in this list):
   Google's key names, numerics and (MMPretrain's) OpenCV pipeline
 - preprocessing: the named input pipelines (mean, std, crop, interpolation)
 - convert: one way in for every format: detect, map to timm's names, load_weights, convert
-- registry: pretrained tags, their numerics and preprocessing, class names, downloads
+- download: fetching a file, checked (size, digest, contents) before it enters the cache, with a deadline
+- registry: pretrained tags, their numerics and preprocessing, class names, where each file comes from
 - resize: a checkpoint for another image size (the paper's Appendix C, or resampling); uses convert
 """

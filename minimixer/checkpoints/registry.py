@@ -4,21 +4,20 @@ This is the one place that says how each model's inputs are prepared (mean, std,
 crop_pct, interpolation, and whose pipeline) and where its weights come from. The timm
 tags' values are timm's pretrained_cfg (timm/models/mlp_mixer.py default_cfgs); the
 MMPretrain and JAX tags load the original files (checkpoints/mmpretrain.py, jax.py).
+Every tag's file is downloaded from its source, checked before it is cached (download.py).
 The command that uses it is `python -m minimixer.weights` (minimixer/commands/weights.py).
 """
-import hashlib
+import gzip
 import os
 import re
-import shutil
 import sys
-import urllib.request
 from dataclasses import dataclass, replace
 from importlib import resources
 
 from ..config import PRESETS, get_config
 from .convert import SOURCES, read_checkpoint
+from .download import DEFAULT_TIMEOUT, DownloadError, check_file, fetch
 from .preprocessing import DIGITS, GOOGLE, MIIL, MMPRETRAIN, PREPROCESSING, DataConfig  # noqa: F401
-from .safetensors_io import atomic_target
 
 HF_FILENAME = "model.safetensors"
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -34,7 +33,7 @@ class Pretrained:
     num_classes: int
     data: DataConfig
     repo_id: str | None  # Hugging Face hub repository, None for bundled weights
-    labels: str  # 'imagenet1k', 'digits' or 'index'
+    labels: str  # 'imagenet1k', 'imagenet21k' (Google's 21,843 classes), 'digits' or 'index'
     source: str = "timm"  # whose model and numerics (convert.SOURCES)
     url: str | None = None  # the original file, for sources outside the hub
 
@@ -50,8 +49,10 @@ CHECKPOINTS = {p.tag: p for p in [
                "timm/mixer_b16_224.goog_in21k_ft_in1k", "imagenet1k"),
     Pretrained("mixer_l16_224.goog_in21k_ft_in1k", "mixer_l16_224", 1000, GOOGLE,
                "timm/mixer_l16_224.goog_in21k_ft_in1k", "imagenet1k"),
-    Pretrained("mixer_b16_224.goog_in21k", "mixer_b16_224", 21843, GOOGLE, "timm/mixer_b16_224.goog_in21k", "index"),
-    Pretrained("mixer_l16_224.goog_in21k", "mixer_l16_224", 21843, GOOGLE, "timm/mixer_l16_224.goog_in21k", "index"),
+    Pretrained("mixer_b16_224.goog_in21k", "mixer_b16_224", 21843, GOOGLE, "timm/mixer_b16_224.goog_in21k",
+               "imagenet21k"),
+    Pretrained("mixer_l16_224.goog_in21k", "mixer_l16_224", 21843, GOOGLE, "timm/mixer_l16_224.goog_in21k",
+               "imagenet21k"),
     Pretrained("mixer_b16_224.miil_in21k_ft_in1k", "mixer_b16_224", 1000, MIIL,
                "timm/mixer_b16_224.miil_in21k_ft_in1k", "imagenet1k"),
     # MMPretrain's conversions of timm's weights (its model zoo's table): LayerNorm eps 1e-5
@@ -59,21 +60,34 @@ CHECKPOINTS = {p.tag: p for p in [
                MMPRETRAIN_URL + "mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth"),
     Pretrained("mixer_l16_224.mmpretrain", "mixer_l16_224", 1000, MMPRETRAIN, None, "imagenet1k", "mmpretrain",
                MMPRETRAIN_URL + "mixer-large-p16_3rdparty_64xb64_in1k_20211124-5a2519d2.pth"),
-    # Google's original files, run as the Flax model ran them (tanh GELU); timm's preprocessing
-    Pretrained("mixer_b16_224.jax_in21k_ft_in1k", "mixer_b16_224", 1000, GOOGLE, None, "imagenet1k", "jax",
-               JAX_URL + "imagenet21k_imagenet2012/Mixer-B_16.npz"),
-    Pretrained("mixer_l16_224.jax_in21k_ft_in1k", "mixer_l16_224", 1000, GOOGLE, None, "imagenet1k", "jax",
-               JAX_URL + "imagenet21k_imagenet2012/Mixer-L_16.npz"),
-    Pretrained("mixer_b16_224.jax_in21k", "mixer_b16_224", 21843, GOOGLE, None, "index", "jax",
+    # Google's original files (gs://mixer_models, listed in vision_transformer's vit_jax.ipynb),
+    # run as the Flax model ran them (tanh GELU), with timm's preprocessing. imagenet1k/ holds the
+    # models trained on ImageNet-1k alone: the paper's author, in timm PR #651, says the published
+    # 1k model is the one trained on ImageNet-1k (76.5%) and that no ImageNet-21k model fine-tuned on
+    # ImageNet-1k was published. sam/ and gsam/: ImageNet-1k alone, trained with SAM and GSAM.
+    Pretrained("mixer_b16_224.jax_in1k", "mixer_b16_224", 1000, GOOGLE, None, "imagenet1k", "jax",
+               JAX_URL + "imagenet1k/Mixer-B_16.npz"),
+    Pretrained("mixer_l16_224.jax_in1k", "mixer_l16_224", 1000, GOOGLE, None, "imagenet1k", "jax",
+               JAX_URL + "imagenet1k/Mixer-L_16.npz"),
+    Pretrained("mixer_b16_224.jax_in21k", "mixer_b16_224", 21843, GOOGLE, None, "imagenet21k", "jax",
                JAX_URL + "imagenet21k/Mixer-B_16.npz"),
-    Pretrained("mixer_l16_224.jax_in21k", "mixer_l16_224", 21843, GOOGLE, None, "index", "jax",
+    Pretrained("mixer_l16_224.jax_in21k", "mixer_l16_224", 21843, GOOGLE, None, "imagenet21k", "jax",
                JAX_URL + "imagenet21k/Mixer-L_16.npz"),
+    Pretrained("mixer_b16_224.jax_sam_in1k", "mixer_b16_224", 1000, GOOGLE, None, "imagenet1k", "jax",
+               JAX_URL + "sam/Mixer-B_16.npz"),
+    Pretrained("mixer_b32_224.jax_sam_in1k", "mixer_b32_224", 1000, GOOGLE, None, "imagenet1k", "jax",
+               JAX_URL + "sam/Mixer-B_32.npz"),
+    *(Pretrained(f"mixer_{v}_224.jax_gsam_in1k", f"mixer_{v}_224", 1000, GOOGLE, None, "imagenet1k", "jax",
+                 JAX_URL + f"gsam/Mixer-{v[0].upper()}_{v[1:]}.npz") for v in ("s16", "s32", "b16", "b32")),
     # the bundled 8x8 digits model: one channel, no crop; 'box' averages pixels like the
     # digits' own 4x4-block counting
     Pretrained("mixer_digits", "mixer_digits", 10, DIGITS, None, "digits"),
 ]}
 DEFAULT_TAG = {"mixer_b16_224": "mixer_b16_224.goog_in21k_ft_in1k",
-               "mixer_l16_224": "mixer_l16_224.goog_in21k_ft_in1k"}
+               "mixer_l16_224": "mixer_l16_224.goog_in21k_ft_in1k",
+               # earlier names of the jax_in1k tags, whose URLs (imagenet21k_imagenet2012/) did not exist
+               "mixer_b16_224.jax_in21k_ft_in1k": "mixer_b16_224.jax_in1k",
+               "mixer_l16_224.jax_in21k_ft_in1k": "mixer_l16_224.jax_in1k"}
 
 
 def resolve(name):
@@ -105,12 +119,21 @@ def imagenet_classes():
     return [tuple(line.split("\t", 1)) for line in text.splitlines() if line]
 
 
+def imagenet21k_classes():
+    """[(wnid, names)] for Google's 21,843 ImageNet-21k classes, in class-index order (the
+    goog_in21k and jax_in21k heads; timm's imagenet21k_goog_synsets.txt with its lemmas)."""
+    data = resources.files("minimixer").joinpath("assets/imagenet21k_classes.tsv.gz").read_bytes()
+    return [tuple(line.split("\t", 1)) for line in gzip.decompress(data).decode().splitlines() if line]
+
+
 def class_names(name, num_classes):
     """Readable labels for a model's outputs."""
     _, _, ck = resolve(name)
     kind = ck.labels if ck else ("imagenet1k" if num_classes == 1000 else "index")
     if kind == "imagenet1k" and num_classes == 1000:
         return [names for _, names in imagenet_classes()]
+    if kind == "imagenet21k" and num_classes == 21843:
+        return [names for _, names in imagenet21k_classes()]
     if kind == "digits":
         return [str(i) for i in range(10)]
     return [f"class {i}" for i in range(num_classes)]
@@ -134,65 +157,80 @@ def local_candidates(name):
     return [os.path.join(f, n) for f in dict.fromkeys(folders) for n in names]
 
 
-def download(name, *, cache_dir=None):
-    """Fetch a checkpoint's model.safetensors with huggingface_hub (its cache, resume and
-    checksums) and return the local path. Raises WeightsNotFound with manual instructions
-    (commands that take --weights add that choice; see find_weights)."""
+def cache_folder(cache_dir=None):
+    """Where downloads are kept: --cache-dir, $MINIMIXER_CACHE, or $XDG_CACHE_HOME/minimixer."""
+    return cache_dir or os.environ.get("MINIMIXER_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minimixer")
+
+
+def source_of(ck):
+    """(url, kind, sha256 prefix or None) of a tag's file: the hub's model.safetensors (under
+    $HF_ENDPOINT, as huggingface_hub reads it), or the original .pth/.npz."""
+    if ck.url:
+        prefix = re.search(r"-([0-9a-f]{8})\.pth$", ck.url)  # MMPretrain: the SHA-256's first 8 hex digits
+        return ck.url, os.path.splitext(ck.url)[1][1:], prefix.group(1) if prefix else None
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    return f"{endpoint}/{ck.repo_id}/resolve/main/{HF_FILENAME}", "safetensors", None
+
+
+def download_timeout(timeout=None):
+    """Seconds allowed for a whole download: the argument, $MINIMIXER_DOWNLOAD_TIMEOUT, or 600."""
+    if timeout is None:
+        value = os.environ.get("MINIMIXER_DOWNLOAD_TIMEOUT")
+        try:
+            timeout = float(value) if value else DEFAULT_TIMEOUT
+        except ValueError:
+            timeout = -1.0
+        if not 0 < timeout < float("inf"):
+            raise ValueError(f"MINIMIXER_DOWNLOAD_TIMEOUT={value!r} is not a positive number of seconds")
+    return timeout
+
+
+def download(name, *, cache_dir=None, timeout=None, full_check=False):
+    """The local path of a tag's weights, downloaded once into the cache folder and checked
+    (checkpoints/download.py) before it enters it. A cached file is checked before each use
+    (its header or zip directory; full_check also hashes it) and fetched again if it fails.
+    Raises WeightsNotFound with manual instructions (commands that take --weights add that choice)."""
     _, _, ck = resolve(name)
-    if ck is not None and ck.url:
-        return download_url(ck, cache_dir=cache_dir)
-    if ck is None or ck.repo_id is None:
+    if ck is not None and ck.model == "mixer_digits":
+        return BUNDLED_DIGITS
+    if ck is None or (ck.repo_id is None and ck.url is None):
         raise WeightsNotFound(f"no pretrained weights are published for {name}")
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.utils import logging as hf_logging
-        hf_logging.set_verbosity_error()  # its retry warnings would bury our one-line error
-        print(f"fetching {ck.repo_id}/{HF_FILENAME} (huggingface_hub; cached after the first time)", file=sys.stderr)
-        return hf_hub_download(ck.repo_id, HF_FILENAME, cache_dir=cache_dir)
-    except Exception as e:  # noqa: BLE001 - offline, hub errors, bad responses: all end the same way
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsNotFound(
-            f"could not download {ck.repo_id}/{HF_FILENAME} ({reason}). Offline? Fetch "
-            f"{endpoint}/{ck.repo_id}/resolve/main/{HF_FILENAME} by hand and save it as "
-            f"weights/{local_name(name)}") from None
-
-
-def download_url(ck, *, cache_dir=None):
-    """Fetch a tag's original file (MMPretrain .pth, JAX .npz) into the cache folder, once;
-    MMPretrain's names end in the first 8 hex digits of the file's SHA-256, which are checked."""
-    folder = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "minimixer")
-    path = os.path.join(folder, ck.tag + os.path.splitext(ck.url)[1])  # by tag: two JAX files share a name
+    url, kind, prefix = source_of(ck)
+    if ck.url:  # by tag: two JAX files share a name
+        by_hand = f"Offline? Fetch it by hand, then run python -m minimixer.weights convert FILE " \
+                  f"--out weights/{ck.tag}.safetensors"
+    else:
+        by_hand = f"Offline? Fetch {url} by hand and save it as weights/{local_name(name)}"
+    folder = cache_folder(cache_dir)
+    path = os.path.join(folder, f"{ck.tag}.{kind}")
     if os.path.isfile(path):
-        return path
+        try:
+            check_file(path, kind, full=full_check, sha256_prefix=prefix)
+            return path
+        except DownloadError as e:
+            print(f"{path}: {e}; fetching it again", file=sys.stderr)
+            for bad in (path, path + ".sha256"):
+                try:
+                    os.remove(bad)
+                except FileNotFoundError:  # never written, or another process removed it first
+                    pass
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise WeightsNotFound(f"could not download {url} (offline: HF_HUB_OFFLINE is set). {by_hand}")
     try:
+        timeout = download_timeout(timeout)
         os.makedirs(folder, exist_ok=True)
-        print(f"fetching {ck.url} (cached in {folder})", file=sys.stderr)
-        with urllib.request.urlopen(ck.url, timeout=60) as response, atomic_target(path) as tmp:
-            with open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-            expected = re.search(r"-([0-9a-f]{8})\.pth$", ck.url)
-            if expected and _sha256(tmp)[:8] != expected.group(1):
-                raise ValueError(f"SHA-256 does not start with {expected.group(1)}: a damaged download")
-    except Exception as e:  # noqa: BLE001 - offline, HTTP errors, bad checksum: all end the same way
+        print(f"fetching {url} (checked, then cached in {folder})", file=sys.stderr)
+        fetch(url, path, kind=kind, sha256_prefix=prefix, timeout=timeout)
+    except (DownloadError, OSError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsNotFound(
-            f"could not download {ck.url} ({reason}). Offline? Fetch it by hand, then run "
-            f"python -m minimixer.weights convert FILE --out weights/{ck.tag}.safetensors") from None
+        raise WeightsNotFound(f"could not download {url} ({reason}). {by_hand}") from None
     return path
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_weights(name, weights="auto", *, cache_dir=None):
     """The weights file to use: an explicit path, or for 'auto' the bundled digits model,
-    a file in ./weights/, or a download (cached by huggingface_hub)."""
+    a file in ./weights/, or a download (checked, then cached: see download)."""
     if weights != "auto":
         return weights
     if DEFAULT_TAG.get(name, name) == "mixer_digits":
@@ -201,7 +239,7 @@ def find_weights(name, weights="auto", *, cache_dir=None):
         if os.path.exists(path):
             return path
     _, _, ck = resolve(name)
-    if ck is None or ck.repo_id is None:
+    if ck is None or (ck.repo_id is None and ck.url is None):
         raise WeightsNotFound(f"no pretrained weights are published for {name}: pass --weights PATH, "
                               f"or put the file at weights/{local_name(name)}")
     try:

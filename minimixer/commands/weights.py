@@ -1,7 +1,7 @@
 """python -m minimixer.weights download NAME | list | convert SRC | resize SRC --img-size S: Mixer weights.
 
     python -m minimixer.weights list
-    python -m minimixer.weights download mixer_b16_224 --to weights/
+    python -m minimixer.weights download mixer_b16_224 --to weights/    # checked: docs/reliability-downloads.md
     python -m minimixer.weights convert mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth \\
         --out weights/mixer_b16_224.mmpretrain.safetensors
     python -m minimixer.weights resize weights/mixer_s32_224.safetensors --img-size 448 --out s32_448.safetensors
@@ -31,7 +31,9 @@ def main(argv=None):
     d = sub.add_parser("download", help="fetch a checkpoint (the Hugging Face hub, or the original file)")
     d.add_argument("model", help="e.g. mixer_b16_224, mixer_l16_224.goog_in21k or mixer_b16_224.mmpretrain")
     d.add_argument("--to", metavar="DIR", help="also write it to DIR/<model>.safetensors (e.g. weights/)")
-    d.add_argument("--cache-dir", help="download cache folder (default: huggingface_hub's, or ~/.cache/minimixer)")
+    d.add_argument("--cache-dir", help="download cache folder (default: $MINIMIXER_CACHE or ~/.cache/minimixer)")
+    d.add_argument("--timeout", type=float, metavar="SECONDS",
+                   help="give up on a download after this long (default: $MINIMIXER_DOWNLOAD_TIMEOUT or 600)")
     sub.add_parser("list", help="list the known checkpoints")
     c = sub.add_parser("convert", help="any Mixer checkpoint (timm safetensors, MMPretrain .pth, JAX .npz) "
                                        "to timm-named safetensors that record their numerics")
@@ -75,7 +77,10 @@ def main(argv=None):
             print(f"{args.out}: {describe(cfg)} from {ck.source} ({ck.format}); "
                   f"ln_eps {cfg.ln_eps:g}, gelu {cfg.gelu}, preprocessing {args.preprocessing or ck.preprocessing}")
             return 0
-        path = download(args.model, cache_dir=args.cache_dir)
+        if args.timeout is not None and not 0 < args.timeout < float("inf"):
+            p.error(f"--timeout {args.timeout:g}: give a positive number of seconds")
+        # an explicit download hashes a cached file again; --weights auto only reads its header
+        path = download(args.model, cache_dir=args.cache_dir, timeout=args.timeout, full_check=True)
         if args.to:
             os.makedirs(args.to, exist_ok=True)
             dest = os.path.join(args.to, local_name(args.model))
