@@ -1,6 +1,6 @@
 """Google's original MLP-Mixer checkpoints (google-research/vision_transformer, JAX/Flax).
 
-The .npz files (e.g. imagenet21k_imagenet2012/Mixer-B_16.npz) hold Flax's parameter tree
+The .npz files (e.g. imagenet1k/Mixer-B_16.npz) hold Flax's parameter tree
 flattened with '/'. Convolution kernels are HWIO and Dense kernels (in, out), where timm
 (and minimixer) keep PyTorch's OIHW and (out, in). Numerics of the original model
 (vit_jax/models_mixer.py): flax.linen.gelu, which is the tanh approximation, and Flax's
