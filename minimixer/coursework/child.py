@@ -187,11 +187,17 @@ def main():
     pkg.__file__ = os.path.join(edition, "minimixer", "__init__.py")
     sys.modules["minimixer"] = pkg
     sandboxed = False
+    limits = dict(config.get("limits") or {})
     if config.get("memory"):
+        limits.setdefault("RLIMIT_AS", config["memory"])
+    try:  # hard limits, before any student code: a process cannot raise them again
+        import resource  # a runaway allocation fails in the student's code, not in the machine
+    except ImportError:
+        resource = None
+    for name, value in limits.items():
         try:
-            import resource  # a runaway allocation fails in the student's code, not in the machine
-            resource.setrlimit(resource.RLIMIT_AS, (config["memory"], config["memory"]))
-        except (ImportError, ValueError, OSError):  # not settable here (macOS): the timeout still holds
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (AttributeError, ValueError, OSError):  # not settable here (macOS): the timeout still holds
             pass
     if config.get("sandbox", True):
         sandboxed = landlock(readable, files)
