@@ -22,10 +22,14 @@ MAX = POINTS * len(EXERCISES)
 _TRIGGERS = ("=", "+", "-", "@", "\t", "\r", "|", "%")
 
 
-def escape(value):
+TEXT_FIELDS = ("student", "status", "submitted")
+
+
+def escape(value, text=True):
     """A cell a spreadsheet shows as text: a string that starts like a formula gets a leading
-    apostrophe (OWASP's CSV injection advice); numbers are left as they are."""
-    if not isinstance(value, str) or not value.startswith(_TRIGGERS) or _number(value) is not None:
+    apostrophe (OWASP's CSV injection advice). In a numeric column (text=False) a number such as
+    -2 stays as it is."""
+    if not isinstance(value, str) or not value.startswith(_TRIGGERS) or (not text and _number(value) is not None):
         return value
     return "'" + value
 
@@ -186,8 +190,7 @@ def write(csv_path, results, seed, replace=False, policy=None, roster=None, adju
     w = csv.writer(out, lineterminator="\n")
     w.writerow(FIELDS)
     for s in sorted(rows):
-        w.writerow([escape(str(rows[s].get(k, ""))) if isinstance(rows[s].get(k, ""), str) else rows[s][k]
-                    for k in FIELDS])
+        w.writerow([escape(v, k in TEXT_FIELDS) for k, v in ((k, rows[s].get(k, "")) for k in FIELDS)])
     atomic_write_bytes(csv_path, out.getvalue().encode())
     report["rows"] = rows
     if canvas:
@@ -209,8 +212,8 @@ def statistics_rows(rows):
     for name, top in [(n, POINTS) for n in EXERCISE_NAMES] + [("total", MAX)]:
         values = [_number(r.get(name)) or 0.0 for r in graded]
         out.append({"exercise": name, "graded": len(values),
-                    "mean": round(statistics.fmean(values), 2) if values else "",
-                    "median": statistics.median(values) if values else "",
+                    "mean": _clean(statistics.fmean(values)) if values else "",
+                    "median": _clean(statistics.median(values)) if values else "",
                     "full": sum(v >= top for v in values), "zero": sum(v == 0 for v in values)})
     return out
 
