@@ -241,6 +241,14 @@ def lend(name):
     return correct
 
 
+def _argument_name(fn, i):
+    try:
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        return f"`{names[i]}`" if i < len(names) else f"argument {i}"
+    except AttributeError:
+        return f"argument {i}"
+
+
 def run_job(module, job, student_files):
     name = job["exercise"]
     saved = {n: getattr(module, n) for n in job["lend"] if hasattr(module, n)}
@@ -262,12 +270,16 @@ def run_job(module, job, student_files):
                         opt.step(grads)
                     value = params
                 else:
+                    before = [protocol.encode(a) for a in inputs["args"]]
                     value = fn(*inputs["args"], **inputs["kwargs"])
+                    changed = [i for i, a in enumerate(inputs["args"]) if protocol.encode(a) != before[i]]
                 size = protocol.nbytes(value)
                 if size > protocol.MAX_MESSAGE // 4:
                     raise ValueError(f"the result takes {size} bytes: far more than the exercise asks for")
                 protocol.encode(value)  # fails here, not in send, for a result that cannot travel
                 cases.append({"value": value})
+                if job["kind"] != "adamw" and changed:
+                    cases[-1]["modified"] = _argument_name(fn, changed[0])
             except BaseException as e:  # noqa: BLE001 - includes SystemExit: reported, then the next case
                 cases.append({"error": explain(e, student_files), "exit": isinstance(e, SystemExit)})
     finally:
