@@ -66,6 +66,8 @@ def attacks(tmp, key, blank):
         "link_to_proc": (links(**{"layers.py": "/proc/self/environ", "optim.py": f"/proc/{pid}/environ"}),
                          "is a symbolic link"),
         "hard_link": (lambda d: (d.mkdir(parents=True), os.link(secret_file, d / "layers.py")), "is a hard link"),
+        "named_pipe": (lambda d: (d.mkdir(parents=True), os.mkfifo(d / "layers.py")),  # would block a plain open
+                       "layers.py is a named pipe: only regular files are graded"),
         "parent_limits": (blank_with("linear_forward", "x, w, b", f"""
 import resource, os
 done = []
@@ -210,6 +212,9 @@ class TestHostileClass:
     def test_hard_link(self, graded):
         self.check_attacker(graded, "hard_link")
 
+    def test_a_named_pipe(self, graded):
+        self.check_attacker(graded, "named_pipe")
+
     def test_changing_the_parents_limits(self, graded):
         self.check_attacker(graded, "parent_limits")
         before, after = graded["limits"]
@@ -233,16 +238,17 @@ class TestHostileClass:
 
 
 @needs_bwrap
-def test_the_sandbox_refuses_a_fork_even_without_bubblewraps_namespaces(tmp_path):
-    """The seccomp filter alone (the second wall): fork and memfd_create fail with EPERM."""
-    code = "import os\nfor f in (os.fork, lambda: os.memfd_create('x')):\n    try:\n        f(); print('ran')\n" \
-           "    except OSError as e:\n        print(e.errno)\n"
+def test_the_seccomp_filter_refuses_fork_memfd_and_sockets(tmp_path):
+    """The seccomp filter (the second wall, behind the namespaces): fork, memfd_create and
+    socket fail with EPERM."""
+    code = "import os, socket\nfor f in (os.fork, lambda: os.memfd_create('x'), socket.socket):\n    try:\n" \
+           "        f(); print('ran')\n    except OSError as e:\n        print(e.errno)\n"
     argv, fds, close = sandbox.command([os.path.realpath(sys.executable), "-I", "-S", "-c", code], [])
     try:
         r = subprocess.run(argv, pass_fds=fds, capture_output=True, text=True, timeout=30)
     finally:
         close()
-    assert r.stdout.split() == ["1", "1"], (r.stdout, r.stderr)
+    assert r.stdout.split() == ["1", "1", "1"], (r.stdout, r.stderr)  # EPERM each: fork, memfd, a socket
 
 
 def test_grading_for_credit_refuses_without_the_strong_sandbox(tmp_path, monkeypatch):
@@ -253,3 +259,11 @@ def test_grading_for_credit_refuses_without_the_strong_sandbox(tmp_path, monkeyp
         coursework.grade(str(tmp_path / "s"), SEED)
     result = coursework.grade(str(tmp_path / "s"), SEED, timeout=10, sandbox="weak")
     assert result["sandbox"] == {"mode": "weak", "bwrap": False, "seccomp": False, "landlock": result["landlock"]}
+
+
+def test_the_sandbox_is_there_where_ci_requires_it():
+    """CI (.ci/run) installs bubblewrap and sets MINIMIXER_REQUIRE_SANDBOX=1: the attack tests
+    above then run, never skip."""
+    if os.environ.get("MINIMIXER_REQUIRE_SANDBOX") != "1":
+        pytest.skip("MINIMIXER_REQUIRE_SANDBOX is not set")
+    assert sandbox.available() == (True, ""), sandbox.available()
