@@ -73,6 +73,8 @@ class Child:
                 close()
         with _live_lock:
             _live.add(self)
+        if STOP.is_set():  # Ctrl-C came while this child started: stop_all may have missed it
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.tail = b""
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
