@@ -4,6 +4,7 @@ the correct students get 160/160, each attacker gets nothing it did not write, t
 within its timeouts and the CSV is complete. Each attack is a test."""
 import csv
 import importlib
+import json
 import os
 import re
 import resource
@@ -249,6 +250,29 @@ def test_the_seccomp_filter_refuses_fork_memfd_and_sockets(tmp_path):
     finally:
         close()
     assert r.stdout.split() == ["1", "1", "1"], (r.stdout, r.stderr)  # EPERM each: fork, memfd, a socket
+
+
+@needs_bwrap
+def test_installed_packages_are_hidden_but_numpy():
+    """The Python installation is visible, its site-packages (where a full minimixer could be
+    installed) are empty, and NumPy is there when it lives in one."""
+    import numpy
+    hidden = sandbox.installed_packages(sandbox.python_binds() + ["/usr"])
+    assert hidden
+    np_dir = os.path.dirname(os.path.realpath(numpy.__file__))
+    code = f"import os, json\nprint(json.dumps([sorted(os.listdir(p)) for p in {hidden!r}]))\n" \
+           f"print(os.path.isdir({np_dir!r}))"
+    argv, fds, close = sandbox.command([os.path.realpath(sys.executable), "-I", "-S", "-c", code], [np_dir])
+    try:
+        r = subprocess.run(argv, pass_fds=fds, capture_output=True, text=True, timeout=30)
+    finally:
+        close()
+    listed, seen = r.stdout.splitlines()
+    outside = {h: sorted(os.listdir(h)) for h in hidden}
+    assert any(outside.values())  # something is installed there, outside the sandbox
+    for h, names in zip(hidden, json.loads(listed)):
+        assert names == (["numpy"] if np_dir.startswith(h + os.sep) else []), (h, names)
+    assert seen == "True", r.stderr
 
 
 def test_grading_for_credit_refuses_without_the_strong_sandbox(tmp_path, monkeypatch):

@@ -95,6 +95,8 @@ def _main(argv=None, prog=PROG):
     if args.batch:
         if args.folder:
             raise UserError("give either a submission folder or --batch DIR, not both")
+        if args.results_json or args.student or args.json:
+            raise UserError("--results-json, --student and --json grade one submission folder, not --batch")
         if not os.path.isdir(args.batch):
             raise UserError(f"no such folder: {args.batch}")
         csv_path = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.batch)), "grades.csv")

@@ -140,6 +140,17 @@ def python_binds():
     return sorted(prefixes | {os.path.dirname(stdlib)})
 
 
+def installed_packages(binds):
+    """The site-packages and dist-packages folders inside the bound trees."""
+    import glob
+    found = set()
+    for b in binds:
+        for pattern in ("lib/python3*/site-packages", "lib/python3*/dist-packages", "lib/python3/dist-packages",
+                        "local/lib/python3*/site-packages", "local/lib/python3*/dist-packages"):
+            found.update(os.path.realpath(p) for p in glob.glob(os.path.join(b, pattern)) if os.path.isdir(p))
+    return sorted(found)
+
+
 def command(argv, read_only, env=None):
     """(argv under bwrap, fds to pass, close) for running argv with only `read_only` paths (and the
     system's /usr, the Python installation) visible, read-only. close() frees the filter's pipe."""
@@ -152,6 +163,15 @@ def command(argv, read_only, env=None):
             "--uid", "65534", "--gid", "65534", "--clearenv", "--chdir", "/"]
     for p in binds:
         args += ["--ro-bind", p, p]
+    hidden = installed_packages(binds)
+    for p in hidden:  # a package installed there (minimixer itself, with the solutions) is not shown
+        args += ["--tmpfs", p]
+    for p in read_only:  # NumPy's folders may live in one of them: bound again on top
+        p = os.path.realpath(p)
+        if os.path.exists(p) and any(p.startswith(h + os.sep) for h in hidden):
+            args += ["--ro-bind", p, p]
+    for p in hidden:
+        args += ["--remount-ro", p]
     for link in ("lib", "lib64", "bin"):  # merged-/usr systems: /lib -> usr/lib
         target = os.path.join("/", link)
         if os.path.islink(target) and not os.path.realpath(target).startswith(("/usr", "/" + link)):
