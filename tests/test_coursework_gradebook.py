@@ -23,7 +23,7 @@ from coursework_attacks import replace_function  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 2468
-SANDBOX = "strong" if sandbox.available()[0] else "weak"
+SANDBOX = os.environ.get("MINIMIXER_TEST_SANDBOX") or ("strong" if sandbox.available()[0] else "weak")
 
 
 def cw(*args, timeout=180, **kw):
@@ -182,6 +182,17 @@ def test_statuses_say_what_went_wrong(key, tmp_path):
 
 # --- Ctrl-C, SIGTERM and temporary folders ---------------------------------------------------------------
 
+def _processes_mentioning(text):
+    found = []
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and text.encode() in (p / "cmdline").read_bytes():
+                found.append(p.name)
+        except OSError:
+            pass
+    return found
+
+
 def _grader_dir(pid):
     return Path(tempfile.gettempdir()) / "minimixer-grader" / str(pid)
 
@@ -235,6 +246,10 @@ def test_a_killed_graders_folders_are_removed_by_the_next(key, tmp_path):
     proc.kill()
     proc.wait()
     assert folder.exists()
+    deadline = time.monotonic() + 10  # its child dies with it (--die-with-parent, PR_SET_PDEATHSIG)
+    while _processes_mentioning(str(folder)):
+        assert time.monotonic() < deadline, _processes_mentioning(str(folder))
+        time.sleep(0.1)
     r = subprocess.run([sys.executable, "-c", "from minimixer.coursework.grade import run_dir; print(run_dir())"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
