@@ -310,3 +310,37 @@ def test_gradescope_autograder_runs_end_to_end(key, tmp_path):
     subprocess.run([str(run)], capture_output=True, text=True, env=env, timeout=60)
     failed = json.loads((root / "results" / "results.json").read_text())
     assert failed["score"] == 0 and "the autograder failed" in failed["output"]
+
+
+# --- fuzzing what comes from outside: student ids, the instructor's CSV files -----------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+ids = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1,
+              max_size=12).filter(lambda s: s.strip() == s and s.strip())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(ids, min_size=1, max_size=5, unique=True))
+def test_any_student_id_round_trips_and_no_cell_starts_a_formula(tmp_path_factory, students):
+    book = tmp_path_factory.mktemp("fuzz") / "g.csv"
+    gradebook.write(str(book), {s: fake(10) for s in students}, SEED, canvas=str(book) + ".canvas.csv")
+    assert set(gradebook.read(str(book))) == set(students)
+    gradebook.write(str(book), {}, SEED)  # rewritten from what was read: the same ids again
+    assert set(gradebook.read(str(book))) == set(students)
+    for path in (book, Path(str(book) + ".canvas.csv")):
+        for row in csv.reader(open(path, newline="", encoding="utf-8")):
+            assert not any(cell.startswith(gradebook._TRIGGERS) and not cell.lstrip("-").replace(".", "").isdigit()
+                           for cell in row), row
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(max_size=200))
+def test_the_instructors_files_parse_or_give_one_clear_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("fuzz") / "f.csv"
+    path.write_text(text, encoding="utf-8")
+    for read in (gradebook.read_adjustments, gradebook.read_roster, gradebook.read_timestamps):
+        try:
+            read(str(path))
+        except UserError as e:
+            assert "\n" not in str(e).strip() or str(path) in str(e)

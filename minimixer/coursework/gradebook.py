@@ -187,7 +187,7 @@ def write(csv_path, results, seed, replace=False, policy=None, roster=None, adju
                    total=_clean(max(0.0, round(score - penalty + extra, 2))), max=MAX)
         row["score"] = _clean(score)
     out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
+    w = csv.writer(out, lineterminator="\r\n")
     w.writerow(FIELDS)
     for s in sorted(rows):
         w.writerow([escape(v, k in TEXT_FIELDS) for k, v in ((k, rows[s].get(k, "")) for k in FIELDS)])
@@ -224,7 +224,7 @@ def write_statistics(csv_path, rows):
     stem = os.path.splitext(csv_path)[0]
     stats = statistics_rows(rows)
     out = io.StringIO()
-    w = csv.DictWriter(out, fieldnames=list(stats[0]), lineterminator="\n")
+    w = csv.DictWriter(out, fieldnames=list(stats[0]), lineterminator="\r\n")
     w.writeheader()
     w.writerows(stats)
     atomic_write_bytes(stem + "_stats.csv", out.getvalue().encode())
@@ -258,7 +258,7 @@ def write_canvas(path, rows, assignment=CANVAS_ASSIGNMENT):
     """Canvas's gradebook import: Student, ID, SIS User ID, SIS Login ID, Section, then the
     assignment's column; a 'Points Possible' row first. The student id goes in SIS Login ID."""
     out = io.StringIO()
-    w = csv.writer(out, lineterminator="\n")
+    w = csv.writer(out, lineterminator="\r\n")
     w.writerow(["Student", "ID", "SIS User ID", "SIS Login ID", "Section", assignment])
     w.writerow(["Points Possible", "", "", "", "", MAX])
     for s in sorted(rows):
