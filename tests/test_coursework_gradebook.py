@@ -13,6 +13,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from minimixer import coursework
 from minimixer.commands.cli import UserError
@@ -313,8 +315,6 @@ def test_gradescope_autograder_runs_end_to_end(key, tmp_path):
 
 
 # --- fuzzing what comes from outside: student ids, the instructor's CSV files -----------------------
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 ids = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1,
               max_size=12).filter(lambda s: s.strip() == s and s.strip())

@@ -233,7 +233,7 @@ class TestHostileClass:
         assert result["seconds"] < 30
 
     def test_reading_the_graders_environment(self, graded):
-        result = self.check_attacker(graded, "grader_environment")
+        self.check_attacker(graded, "grader_environment")
         text = graded["feedback"]["grader_environment"]
         assert SECRET_ENV not in text and "PATH" in text  # it saw its own small environment, nothing else
 
