@@ -63,6 +63,8 @@ def attacks(tmp, key, blank):
         "link_to_package_folder": (links(minimixer=REPO / "minimixer"), "minimixer/ is a symbolic link"),
         "link_to_student": (links(**{"layers.py": Path("..") / "correct_a" / "layers.py",
                                      "optim.py": Path("..") / "correct_a" / "optim.py"}), "is a symbolic link"),
+        "folder_link_to_student": (lambda d: os.symlink(d.parent / "correct_a", d),  # the whole folder
+                                   "the submission folder is a symbolic link: nothing was graded"),
         "link_to_root_only_file": (links(**{"layers.py": secret_file}), "layers.py is a symbolic link"),
         "link_to_proc": (links(**{"layers.py": "/proc/self/environ", "optim.py": f"/proc/{pid}/environ"}),
                          "is a symbolic link"),
@@ -203,6 +205,9 @@ class TestHostileClass:
 
     def test_link_to_another_student(self, graded):
         self.check_attacker(graded, "link_to_student")
+
+    def test_a_folder_that_links_to_another_student(self, graded):
+        self.check_attacker(graded, "folder_link_to_student")
 
     def test_link_to_a_root_only_file(self, graded):
         self.check_attacker(graded, "link_to_root_only_file")
