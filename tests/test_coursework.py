@@ -258,7 +258,8 @@ def test_cheats_and_crashes_cost_only_the_affected_exercises(texts, tmp_path, at
         assert rows[name]["points"] == 10, (name, rows[name])
     assert seconds < 3 + 20  # the endless loop ends at its timeout; nothing else waits
     expected_status = {"infinite_loop": "timeout", "sys_exit": "crashed", "os_exit_at_import": "crashed",
-                       "replace_grader_functions": "crashed"}.get(attack, "ok")
+                       "replace_grader_functions": "crashed", "import_full_package": "import error",
+                       "syntax_error": "syntax error"}.get(attack, "ok")
     assert result["status"] == expected_status
 
 
@@ -283,7 +284,8 @@ def test_landlock_alone_keeps_the_files_out(texts, tmp_path):
     secret = tmp_path / "private_reference.txt"
     secret.write_text("the hidden seed is 1234")
     layers_src, optim_src, _, _ = ATTACKS["file_system"](key, blank, REPO, secret)
-    result = coursework.grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=10, audit=False)
+    result = coursework.grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=10, audit=False,
+                              sandbox="weak")
     if not result.get("landlock"):
         pytest.skip("this kernel has no Landlock")
     rows = {r["exercise"]: r for r in result["exercises"]}
@@ -303,7 +305,7 @@ def test_hard_coded_self_check_answers_get_zero_on_the_hidden_cases(edition, tex
     def linear_forward(x, w, b):
         import numpy as np
         out, _ = {answers!r}[float(x.sum())]
-        return np.array(out), (x, w)
+        return np.array(out, dtype=x.dtype), (x, w)
     '''
     sub = hand_in(tmp_path / "s", replace_function(key["layers"], "linear_forward", body), key["optim"])
     assert scores(coursework.grade(sub, coursework.PUBLIC_SEED, timeout=30))["linear_forward"] == 10
@@ -363,7 +365,7 @@ def test_batch_gradebook_for_a_generated_class(texts, tmp_path):
             hand_in(folder / "minimixer", key["layers"], key["optim"])
         elif kind == "only_layers":
             hand_in(folder, key["layers"])
-            points["AdamW"] = 0
+            points["AdamW"], status = 0, "missing optim.py"
         elif kind == "exit":
             hand_in(folder, key["layers"].replace("    xp = get_xp(logits, labels)\n",
                                                   "    xp = get_xp(logits, labels)\n    raise SystemExit(3)\n"),

@@ -169,8 +169,21 @@ def _explain(exc, student_files):
     return text
 
 
+def die_with_parent():
+    """Linux: the kernel kills this process when the grader that started it dies (even by
+    SIGKILL), endless loop or not. (Under bubblewrap, --die-with-parent does the same.)"""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != parent:  # the grader died before the line above
+        os._exit(1)
+
+
 def main():
     import numpy
+    die_with_parent()
     config = protocol.receive(_IN)
     overlay, edition = config["overlay"], config["edition"]
     numpy_dirs = [os.path.dirname(os.path.realpath(numpy.__file__))]
@@ -187,11 +200,17 @@ def main():
     pkg.__file__ = os.path.join(edition, "minimixer", "__init__.py")
     sys.modules["minimixer"] = pkg
     sandboxed = False
+    limits = dict(config.get("limits") or {})
     if config.get("memory"):
+        limits.setdefault("RLIMIT_AS", config["memory"])
+    try:  # hard limits, before any student code: a process cannot raise them again
+        import resource  # a runaway allocation fails in the student's code, not in the machine
+    except ImportError:
+        resource = None
+    for name, value in limits.items():
         try:
-            import resource  # a runaway allocation fails in the student's code, not in the machine
-            resource.setrlimit(resource.RLIMIT_AS, (config["memory"], config["memory"]))
-        except (ImportError, ValueError, OSError):  # not settable here (macOS): the timeout still holds
+            resource.setrlimit(getattr(resource, name), (value, value))
+        except (AttributeError, ValueError, OSError):  # not settable here (macOS): the timeout still holds
             pass
     if config.get("sandbox", True):
         sandboxed = landlock(readable, files)
@@ -235,6 +254,14 @@ def lend(name):
     return correct
 
 
+def _argument_name(fn, i):
+    try:
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+        return f"`{names[i]}`" if i < len(names) else f"argument {i}"
+    except AttributeError:
+        return f"argument {i}"
+
+
 def run_job(module, job, student_files):
     name = job["exercise"]
     saved = {n: getattr(module, n) for n in job["lend"] if hasattr(module, n)}
@@ -256,12 +283,16 @@ def run_job(module, job, student_files):
                         opt.step(grads)
                     value = params
                 else:
+                    before = [protocol.encode(a) for a in inputs["args"]]
                     value = fn(*inputs["args"], **inputs["kwargs"])
+                    changed = [i for i, a in enumerate(inputs["args"]) if protocol.encode(a) != before[i]]
                 size = protocol.nbytes(value)
                 if size > protocol.MAX_MESSAGE // 4:
                     raise ValueError(f"the result takes {size} bytes: far more than the exercise asks for")
                 protocol.encode(value)  # fails here, not in send, for a result that cannot travel
                 cases.append({"value": value})
+                if job["kind"] != "adamw" and changed:
+                    cases[-1]["modified"] = _argument_name(fn, changed[0])
             except BaseException as e:  # noqa: BLE001 - includes SystemExit: reported, then the next case
                 cases.append({"error": explain(e, student_files), "exit": isinstance(e, SystemExit)})
     finally:

@@ -148,15 +148,16 @@ def scale_floor(expected):
     return max(1e-3 * big, 1e-12)
 
 
-def compare(got, expected, floor, names=None):
-    """None when got matches expected, else a message saying what is wrong, with the worst
-    relative error and where it occurs. `names` labels the items of a cache."""
+def compare(got, expected, floor, names=None, tol=TOL):
+    """None when got matches expected (each array of the expected dtype, within tol relative to
+    the output's scale), else a message saying what is wrong, with the worst relative error and
+    where it occurs. `names` labels the items of a cache."""
     if isinstance(expected, (tuple, list)):
         if not isinstance(got, (tuple, list)) or len(got) != len(expected):
             what = f"({', '.join(names)})" if names else f"{type(expected).__name__} of {len(expected)}"
             return f"is {describe(got)}, expected a tuple {what}"
         for i, (g, e) in enumerate(zip(got, expected)):
-            problem = compare(g, e, floor)
+            problem = compare(g, e, floor, tol=tol)
             if problem:
                 label = f"[{i}]" + (f" ({names[i]})" if names and i < len(names) else "")
                 return f"{label}{'' if problem.startswith('[') else ' '}{problem}"
@@ -168,16 +169,16 @@ def compare(got, expected, floor, names=None):
             g = got.get(k, MISSING)
             if g is MISSING:
                 return f"[{k!r}] is missing"
-            problem = compare(g, e, floor)
+            problem = compare(g, e, floor, tol=tol)
             if problem:
                 return f"[{k!r}] {problem}"
         return None
     if expected is None or isinstance(expected, (str, bool)):
         return None if (type(got) is type(expected) and got == expected) else f"is {got!r}, expected {expected!r}"
-    return _compare_array(got, expected, floor)
+    return _compare_array(got, expected, floor, tol)
 
 
-def _compare_array(got, expected, floor):
+def _compare_array(got, expected, floor, tol=TOL):
     e = np.asarray(expected, dtype=np.float64)
     if got is MISSING:
         return "is missing"
@@ -189,6 +190,8 @@ def _compare_array(got, expected, floor):
         return f"is {describe(got)}, which is not an array of numbers"
     if g.shape != e.shape:
         return f"has shape {g.shape}, expected {e.shape}"
+    if isinstance(expected, np.ndarray) and expected.dtype.kind == "f" and getattr(got, "dtype", None) != expected.dtype:
+        return f"has dtype {getattr(got, 'dtype', type(got).__name__)}, expected {expected.dtype} (the inputs' dtype)"
     bad = ~np.isfinite(g)
     if bad.any():
         at = np.unravel_index(np.argmax(bad), g.shape) if g.ndim else ()
@@ -199,7 +202,7 @@ def _compare_array(got, expected, floor):
     scale = max(float(np.abs(e).max()), floor)
     at = np.unravel_index(np.argmax(diff), g.shape)
     err = float(diff[at]) / scale
-    if err <= TOL:
+    if err <= tol:
         return None
     where = f" at {_index(at)}" if g.ndim else ""
     return f"max rel error {err:.2e}{where} (got {g[at]:.6g}, expected {e[at]:.6g}); shape {g.shape}"
@@ -220,41 +223,56 @@ def max_error(got, expected, floor):
 
 # --- scoring an exercise -------------------------------------------------------------------------
 
-def score(ex, outcome, expected_cases):
+def score(ex, outcome, expected_cases, about=None, tols=None):
     """A gradebook row for one exercise.
 
-    outcome: {"status": "ran", "cases": [{"value": tree} or {"error": text}]}, or
-             {"status": "timeout" | "crashed" | "missing", "reason": text}
-    expected_cases: the expected result tree of each case.
+    outcome: {"status": "ran", "cases": [{"value": tree, "modified": name?} or {"error": text}]}, or
+             {"status": "timeout" | "crashed" | "missing" | "refused", "reason": text}
+    expected_cases: the expected result tree of each case; about: each case's settings (for
+    the feedback); tols: each case's relative tolerance.
+    A function that changes its inputs in place loses its first output's points.
     """
+    about = about or [None] * len(expected_cases)
+    tols = tols or [TOL] * len(expected_cases)
+
+    def case_name(case):
+        settings = f"{about[case]}; " if about[case] else ""
+        return f"case {case} ({settings}tolerance {tols[case]:g})"
+
     row = {"assignment": ex.assignment, "exercise": ex.name, "max": POINTS, "status": "ok", "outputs": []}
     if outcome["status"] != "ran":
         row.update(points=0, status=outcome["status"], message=outcome["reason"])
         row["outputs"] = [{"output": label, "points": 0, "max": p, "message": outcome["reason"]}
                           for label, p, _ in ex.outputs]
         return row
-    errors = [c.get("error") for c in outcome["cases"] if "error" in c]
+    errors = [(k, c.get("error")) for k, c in enumerate(outcome["cases"]) if "error" in c]
     if errors:
-        message = errors[0]
+        k, message = errors[0]
+        if len(errors) < len(expected_cases):  # only some cases fail: say which one
+            message = f"{case_name(k)}: {message}"
         if any(c.get("exit") for c in outcome["cases"]):
             row["status"] = "crashed"
         row.update(points=0, message=message)
         row["outputs"] = [{"output": label, "points": 0, "max": p, "message": message} for label, p, _ in ex.outputs]
         return row
     worst, total = 0.0, 0
-    for label, points, get in ex.outputs:
+    for i, (label, points, get) in enumerate(ex.outputs):
         problem = None
         for case, (c, expected) in enumerate(zip(outcome["cases"], expected_cases)):
+            if i == 0 and c.get("modified"):
+                problem = (f"{case_name(case)}: modified its input {c['modified']} in place (the caller's arrays "
+                           "must stay as they were: copy before changing)")
+                break
             e = get(expected)
             try:
                 g = get(c["value"])
             except Structure as s:
-                problem = f"case {case}: {s}"
+                problem = f"{case_name(case)}: {s}"
                 break
             floor = scale_floor(expected)
-            found = compare(g, e, floor, names=ex.cache if label == "cache" else None)
+            found = compare(g, e, floor, names=ex.cache if label == "cache" else None, tol=tols[case])
             if found:
-                problem = f"case {case}: {label} {found}"
+                problem = f"{case_name(case)}: {label} {found}"
                 if label == "cache":
                     problem += " (the cache must hold what the docstring says: the backward pass reads it)"
                 break
@@ -276,7 +294,8 @@ def jobs_for(cases, lend=True):
 
 
 def score_all(outcomes, cases, seed=None, elapsed=None, landlock=None):
-    rows = [score(e, outcomes[e.name], [c["expected"] for c in cases[e.name]]) for e in EXERCISES]
+    rows = [score(e, outcomes[e.name], [c["expected"] for c in cases[e.name]], [c.get("about") for c in cases[e.name]],
+                  [c.get("tol", TOL) for c in cases[e.name]]) for e in EXERCISES]
     statuses = {r["status"] for r in rows}
     status = ("no files" if statuses == {"missing"} and all("not handed in" in r["message"] for r in rows)
               else "timeout" if "timeout" in statuses else "crashed" if "crashed" in statuses else "ok")

@@ -174,11 +174,12 @@ _edition_lock = threading.Lock()
 _editions = {}
 
 
-def grading_edition():
-    """A private student edition for the child processes (made once per grader process)."""
+def grading_edition(parent=None):
+    """A private student edition for the child processes (made once per grader process), in a
+    new folder inside `parent` (default: the system's temporary folder)."""
     with _edition_lock:
         if "path" not in _editions:
-            root = tempfile.mkdtemp(prefix="minimixer-grading-")
+            root = tempfile.mkdtemp(prefix="minimixer-grading-", dir=parent)
             files, _ = _edition_files(with_selfcheck=False)
             for rel, data in files.items():
                 if rel.endswith(".py") or os.sep + "assets" + os.sep not in rel:

@@ -18,9 +18,30 @@ from . import protocol
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAX_CALLS = 10_000  # requests for a lent function per exercise
 MEMORY_LIMIT = 4 << 30  # bytes of address space for a child
+# hard rlimits child.py sets before any student code runs (and that everything it starts inherits);
+# RLIMIT_CPU is the submission's budget plus a margin, set per child
+LIMITS = {"RLIMIT_AS": MEMORY_LIMIT, "RLIMIT_FSIZE": 16 << 20, "RLIMIT_NOFILE": 64, "RLIMIT_NPROC": 16,
+          "RLIMIT_CORE": 0}
+STOP = threading.Event()  # set by the grader on Ctrl-C: running children are killed, none start
+_live, _live_lock = set(), threading.Lock()
 
 
-def _describe_exit(rc):
+class Interrupted(Exception):
+    """The grader was interrupted (STOP): the submission's outcome is unknown."""
+
+
+def stop_all():
+    """Ctrl-C: no new child starts, and every running child is killed."""
+    STOP.set()
+    with _live_lock:
+        children = list(_live)
+    for child in children:
+        child.kill()
+
+
+def _describe_exit(rc, wrapped=False):
+    if wrapped and rc > 128:  # bubblewrap passes a killed child's signal on as 128 + signal
+        rc = 128 - rc
     if rc < 0:
         try:
             return f"the process was killed by {signal.Signals(-rc).name}"
@@ -30,19 +51,36 @@ def _describe_exit(rc):
 
 
 class Child:
-    def __init__(self, edition, overlay, files, sandbox, audit=True):
-        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-               "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    def __init__(self, edition, overlay, files, sandbox, audit=True, wrap=None, cpu=None):
+        """wrap(argv, read_only, env) -> (argv, fds to pass, close): runs the child inside a
+        kernel sandbox that shows it only the read_only paths (sandbox.command); None: a plain
+        child process."""
+        env = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "LC_ALL": "C.UTF-8",
+               "PATH": "/usr/bin:/bin"}
         script = os.path.join(edition, "minimixer", "coursework", "child.py")
-        numpy_parent = os.path.dirname(os.path.dirname(os.path.realpath(np.__file__)))
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-B", script, numpy_parent], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=overlay,
-                                     start_new_session=True)
+        numpy_dir = os.path.dirname(os.path.realpath(np.__file__))
+        numpy_parent = os.path.dirname(numpy_dir)
+        argv = [os.path.realpath(sys.executable), "-I", "-S", "-B", script, numpy_parent]
+        fds, close = (), None
+        if wrap is not None:
+            argv, fds, close = wrap(argv, [overlay, edition, numpy_dir, numpy_dir + ".libs"], env)
+        self.wrapped = wrap is not None
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env=env, cwd=overlay, start_new_session=True, pass_fds=fds)
+        finally:
+            if close:
+                close()
+        with _live_lock:
+            _live.add(self)
+        if STOP.is_set():  # Ctrl-C came while this child started: stop_all may have missed it
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.tail = b""
         self._drain = threading.Thread(target=self._read_stderr, daemon=True)
         self._drain.start()
+        limits = dict(LIMITS, RLIMIT_CPU=int(cpu)) if cpu else dict(LIMITS)
         self.config = {"overlay": overlay, "edition": edition, "files": list(files), "sandbox": sandbox,
-                       "audit": audit, "memory": MEMORY_LIMIT}
+                       "audit": audit, "memory": MEMORY_LIMIT, "limits": limits}
 
     def _read_stderr(self):
         for chunk in iter(lambda: self.proc.stderr.read1(4096), b""):
@@ -70,6 +108,8 @@ class Child:
 
     def wait(self):
         rc = self.proc.wait()
+        with _live_lock:
+            _live.discard(self)
         self._drain.join(timeout=1)
         for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
             try:
@@ -83,7 +123,7 @@ class Child:
         return f"; its last output: {lines[-1][:160]}" if lines else ""
 
 
-def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, sandbox=True, audit=True):
+def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, sandbox=True, audit=True, wrap=None):
     """Run each job in a child process. Returns {exercise: outcome} where an outcome is
     {"status": "ran", "cases": [...]} or {"status": "timeout" | "crashed", "reason": ...}.
 
@@ -91,6 +131,7 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, 
     lent: {name: correct function} that the grader runs for the child (None: nothing is lent);
     timeout: seconds per exercise; budget: seconds for all of them (the rest then time out unrun);
     sandbox: Landlock and the audit hook; audit=False leaves the hook out (to test Landlock alone).
+    wrap: the kernel sandbox around each child (see Child).
     """
     outcomes, failed_files, child = {}, {}, None
     info = {"landlock": None}
@@ -101,6 +142,8 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, 
             if job["file"] in failed_files:
                 outcomes[name] = dict(failed_files[job["file"]])
                 continue
+            if STOP.is_set():
+                raise Interrupted()
             if time.monotonic() >= end:
                 outcomes[name] = {"status": "timeout", "reason": f"not run: the submission's {budget:g} s were spent"}
                 continue
@@ -108,7 +151,8 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, 
             try:
                 deadline = min(time.monotonic() + timeout, end)
                 if child is None:
-                    child = _start(edition, overlay, files, sandbox, audit, deadline + 30)  # start-up: not the student's time
+                    child = _start(edition, overlay, files, sandbox, audit, deadline + 30, wrap,
+                                   (budget or timeout * len(jobs)) + 30)  # start-up: not the student's time
                     info["landlock"] = child.landlock
                 child.send(job, deadline)
                 calls = 0
@@ -143,11 +187,13 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, 
             except (EOFError, OSError, protocol.ProtocolError) as e:
                 if child is None:
                     raise
+                if STOP.is_set():
+                    raise Interrupted() from None
                 rc = child.kill()
-                words = child.last_words()
+                words, wrapped = child.last_words(), child.wrapped
                 child = None
                 where = f"while importing {job['file']}" if phase == "import" else f"in {name}"
-                reason = (_describe_exit(rc) if isinstance(e, EOFError) or rc != -signal.SIGKILL
+                reason = (_describe_exit(rc, wrapped) if isinstance(e, EOFError) or rc != -signal.SIGKILL
                           else f"the child broke the protocol ({e})")
                 outcome = {"status": "crashed", "reason": f"{reason} {where}{words}"}
                 outcomes[name] = outcome
@@ -173,8 +219,8 @@ def _checked(cases, job):
     return cases
 
 
-def _start(edition, overlay, files, sandbox, audit, deadline):
-    child = Child(edition, overlay, files, sandbox, audit)
+def _start(edition, overlay, files, sandbox, audit, deadline, wrap=None, cpu=None):
+    child = Child(edition, overlay, files, sandbox, audit, wrap, cpu)
     try:
         child.start(deadline)
     except (EOFError, OSError, protocol.ProtocolError, protocol.Deadline) as e:
@@ -190,7 +236,40 @@ def _serve(msg, job, lent, calls):
         return {"error": f"{name} is not lent while grading {job['exercise']}"}
     if calls > MAX_CALLS:
         return {"error": f"more than {MAX_CALLS} calls"}
+    too_big = _oversized((msg.get("args", ()), msg.get("kwargs", {})), job)
+    if too_big:  # checked before computing: a broadcast of small arrays can ask for gigabytes
+        return {"error": too_big}
     try:
         return {"value": lent[name](*msg.get("args", ()), **msg.get("kwargs", {}))}
     except Exception as e:  # noqa: BLE001 - bad arguments from the student's code: their error
         return {"error": f"{type(e).__name__}: {e}".splitlines()[0][:200]}
+
+
+def _arrays(tree, depth=0):
+    if depth > 20:
+        raise ValueError("nested too deeply")
+    if isinstance(tree, (tuple, list)):
+        for v in tree:
+            yield from _arrays(v, depth + 1)
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _arrays(v, depth + 1)
+    elif isinstance(tree, np.ndarray):
+        yield tree
+
+
+def _oversized(request, job):
+    """Why a request for a lent function is refused unrun, or None: every array in it must be
+    no larger, in rank and in each dimension, than the arrays of the exercise's own cases."""
+    if "_bounds" not in job:
+        shapes = [a.shape for a in _arrays(job["cases"])]
+        job["_bounds"] = (max((len(s) for s in shapes), default=0), max((max(s, default=0) for s in shapes), default=0))
+    rank, side = job["_bounds"]
+    try:
+        for a in _arrays(request):
+            if a.ndim > rank or any(n > side for n in a.shape):
+                return (f"refused: an argument of shape {a.shape} is larger than any of the exercise's inputs "
+                        f"(at most {rank} dimensions of {side})")
+    except ValueError as e:
+        return f"refused: the arguments are {e}"
+    return None
