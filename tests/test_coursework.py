@@ -14,6 +14,7 @@ import pytest
 
 from minimixer import coursework, fast, layers, optim
 from minimixer.coursework import exercises
+from minimixer.coursework import sandbox as kernel_sandbox
 
 sys.path.insert(0, str(Path(__file__).parent))
 from coursework_attacks import ATTACKS, LAYER_EXERCISES, replace_function  # noqa: E402
@@ -21,9 +22,20 @@ from coursework_attacks import ATTACKS, LAYER_EXERCISES, replace_function  # noq
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234  # a "private" seed for the graded runs in these tests
 ALL = [e.name for e in exercises.EXERCISES]
+# The strong sandbox needs bubblewrap: CI installs it and requires it (MINIMIXER_REQUIRE_SANDBOX=1);
+# on a machine without it these tests grade as `--sandbox weak` does (Landlock, the audit hook, rlimits)
+SANDBOX = ("strong" if kernel_sandbox.available()[0] or os.environ.get("MINIMIXER_REQUIRE_SANDBOX") == "1"
+           else "weak")
+
+
+def grade(*args, **kwargs):
+    kwargs.setdefault("sandbox", SANDBOX)
+    return coursework.grade(*args, **kwargs)
 
 
 def cw(*args, cwd=None, env=None, timeout=120):
+    if args and args[0] == "grade" and SANDBOX == "weak":
+        args = (*args, "--sandbox", "weak")
     return subprocess.run([sys.executable, "-m", "minimixer.coursework", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, env=env)
 
@@ -157,7 +169,7 @@ def test_student_edition_runs_the_students_own_code(edition, texts, tmp_path):
     r = cw("check", "--json", cwd=work, env=env)
     checked = json.loads(r.stdout)
     assert checked["total"] == 160, r.stdout
-    graded = coursework.grade(hand_in(tmp_path / "sub", key["layers"], key["optim"]), SEED, timeout=30)
+    graded = grade(hand_in(tmp_path / "sub", key["layers"], key["optim"]), SEED, timeout=30)
     assert scores(graded) == scores(checked) and graded["total"] == 160  # the same verdict
     r = subprocess.run([sys.executable, "-m", "minimixer.eval"], cwd=work, env=env, capture_output=True, text=True,
                        timeout=120)
@@ -173,12 +185,12 @@ def test_student_edition_runs_the_students_own_code(edition, texts, tmp_path):
 
 def test_full_and_zero_marks(texts, tmp_path):
     key, blank = texts
-    full = coursework.grade(hand_in(tmp_path / "key", key["layers"], key["optim"]), SEED, timeout=30)
+    full = grade(hand_in(tmp_path / "key", key["layers"], key["optim"]), SEED, timeout=30)
     assert full["total"] == full["max"] == 160 and full["status"] == "ok", exercises.print_table(full)
-    zero = coursework.grade(hand_in(tmp_path / "blank", blank["layers"], blank["optim"]), SEED, timeout=30)
+    zero = grade(hand_in(tmp_path / "blank", blank["layers"], blank["optim"]), SEED, timeout=30)
     assert zero["total"] == 0 and {r["message"] for r in zero["exercises"]} == {"not implemented"}
     (tmp_path / "nothing").mkdir()
-    none = coursework.grade(tmp_path / "nothing", SEED)
+    none = grade(tmp_path / "nothing", SEED)
     assert none["total"] == 0 and none["status"] == "no files"
 
 
@@ -192,7 +204,7 @@ def test_one_solved_exercise_gets_exactly_its_marks(texts, tmp_path, solved):
     else:
         source = re.search(rf"^def {solved}\b.*?(?=^\S|\Z)", key["layers"], flags=re.S | re.M).group(0)
         subs["layers"] = replace_function(blank["layers"], solved, source)
-    result = coursework.grade(hand_in(tmp_path / "s", subs["layers"], subs["optim"]), SEED, timeout=30)
+    result = grade(hand_in(tmp_path / "s", subs["layers"], subs["optim"]), SEED, timeout=30)
     assert scores(result)[solved] == 10 and result["total"] == 10, scores(result)
 
 
@@ -217,7 +229,7 @@ def test_planted_mistakes_are_named(texts, tmp_path):
     for old, new, *_ in PLANTED.values():
         assert text.count(old) == 1, old
         text = text.replace(old, new)
-    result = coursework.grade(hand_in(tmp_path / "s", text, key["optim"]), SEED, timeout=30)
+    result = grade(hand_in(tmp_path / "s", text, key["optim"]), SEED, timeout=30)
     exercises.print_table(result)
     rows = {r["exercise"]: r for r in result["exercises"]}
     for mistake, (_, _, name, points, output, pattern) in PLANTED.items():
@@ -234,7 +246,7 @@ def test_an_exception_shows_the_students_file_and_line(texts, tmp_path):
     text = key["layers"].replace("    dw = _sum_leading(dout * norm)  # (D,)\n",
                                  "    dw = _sum_leading(dout * norm.T)  # (D,)\n")
     line = text.splitlines().index("    dw = _sum_leading(dout * norm.T)  # (D,)") + 1
-    row = {r["exercise"]: r for r in coursework.grade(hand_in(tmp_path / "s", text, key["optim"]), SEED,
+    row = {r["exercise"]: r for r in grade(hand_in(tmp_path / "s", text, key["optim"]), SEED,
                                                       timeout=30)["exercises"]}["layernorm_backward"]
     assert row["points"] == 0
     assert "ValueError" in row["message"] and f"layers.py, line {line}, in layernorm_backward" in row["message"]
@@ -247,7 +259,7 @@ def test_cheats_and_crashes_cost_only_the_affected_exercises(texts, tmp_path, at
     secret.write_text("the hidden seed is 1234")
     layers_src, optim_src, affected, reason = ATTACKS[attack](key, blank, REPO, secret)
     start = time.monotonic()
-    result = coursework.grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=3)
+    result = grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=3)
     seconds = time.monotonic() - start
     rows = {r["exercise"]: r for r in result["exercises"]}
     for name in affected:
@@ -270,7 +282,7 @@ def test_a_submission_that_hangs_everywhere_stops_at_its_budget(texts, tmp_path)
         args = re.search(rf"^def {name}(\(.*?\)):", text, flags=re.M).group(1)
         text = replace_function(text, name, f"def {name}{args}:\n    while True:\n        pass\n")
     start = time.monotonic()
-    result = coursework.grade(hand_in(tmp_path / "s", text, key["optim"]), SEED, timeout=2, budget=3)
+    result = grade(hand_in(tmp_path / "s", text, key["optim"]), SEED, timeout=2, budget=3)
     assert time.monotonic() - start < 3 + 15
     rows = {r["exercise"]: r for r in result["exercises"]}
     assert "timed out after 2 s in linear_forward" in rows["linear_forward"]["message"]
@@ -284,7 +296,7 @@ def test_landlock_alone_keeps_the_files_out(texts, tmp_path):
     secret = tmp_path / "private_reference.txt"
     secret.write_text("the hidden seed is 1234")
     layers_src, optim_src, _, _ = ATTACKS["file_system"](key, blank, REPO, secret)
-    result = coursework.grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=10, audit=False,
+    result = grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=10, audit=False,
                               sandbox="weak")
     if not result.get("landlock"):
         pytest.skip("this kernel has no Landlock")
@@ -308,8 +320,8 @@ def test_hard_coded_self_check_answers_get_zero_on_the_hidden_cases(edition, tex
         return np.array(out, dtype=x.dtype), (x, w)
     '''
     sub = hand_in(tmp_path / "s", replace_function(key["layers"], "linear_forward", body), key["optim"])
-    assert scores(coursework.grade(sub, coursework.PUBLIC_SEED, timeout=30))["linear_forward"] == 10
-    hidden = {r["exercise"]: r for r in coursework.grade(sub, SEED, timeout=30)["exercises"]}["linear_forward"]
+    assert scores(grade(sub, coursework.PUBLIC_SEED, timeout=30))["linear_forward"] == 10
+    hidden = {r["exercise"]: r for r in grade(sub, SEED, timeout=30)["exercises"]}["linear_forward"]
     assert hidden["points"] == 0 and "KeyError" in hidden["message"]
 
 
@@ -417,6 +429,6 @@ def test_the_attacks_work_without_the_sandbox(texts, tmp_path, attack):
     secret = tmp_path / "private_reference.txt"
     secret.write_text("the hidden seed is 1234")
     layers_src, optim_src, affected, _ = ATTACKS[attack](key, blank, REPO, secret)
-    result = coursework.grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=10, sandbox=False)
+    result = grade(hand_in(tmp_path / "s", layers_src, optim_src), SEED, timeout=10, sandbox=False)
     rows = {r["exercise"]: r for r in result["exercises"]}
     assert all(rows[name]["points"] == 10 for name in affected), {n: rows[n]["message"] for n in affected}
