@@ -207,6 +207,7 @@ def test_fuzz_opcode_soup_never_leaks_into_the_next_load(tmp_path, atoms):
     assert list(after) == ["w"] and after["w"].dtype == np.float32 and after["w"].tolist() == [1, 2, 3]
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # two entries of one name: refused too
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.tuples(st.sampled_from(["stem/kernel", "stem/bias", "head/kernel", "x"]),
                           st.lists(st.integers(0, 1 << 40), min_size=0, max_size=4),
