@@ -9,6 +9,14 @@ file that timm loads as it is, with what the model needs recorded in its metadat
     ln_eps, gelu   the numerics the source model ran with (1e-5/erf, 1e-6/tanh, ...)
     preprocessing  the registry's name for the source's input pipeline
 
+and a file that `train` wrote also records what it was trained with (trained_metadata):
+
+    img_size       the input size, JSON (224 or [h, w])
+    data_config    the eval preprocessing, JSON {mean, std, crop_pct, interpolation, pipeline}
+                   (where it has no name in PREPROCESSING)
+    classes        the class names, JSON list, in output order
+    model          the name it was trained as
+
 load_weights and every --weights flag read that metadata (and the original files too), so
 a converted MMPretrain file reproduces MMPretrain's logits with no extra flags.
 """
@@ -30,7 +38,7 @@ from ..layers import GELU_FORMS
 from . import jax as jax_format
 from . import mmpretrain
 from .pth import read_pth
-from .preprocessing import PREPROCESSING
+from .preprocessing import PREPROCESSING, DataConfig
 from .safetensors_io import (atomic_write_bytes, check_finite, check_state_dict, open_regular_file,
                              read_safetensors)
 
@@ -65,7 +73,9 @@ class Checkpoint:
     gelu: str | None
     preprocessing: str | None
     notes: tuple = ()  # what a training checkpoint held besides the weights read (CheckpointNote)
-    metadata: dict | None = None  # a safetensors file's string metadata
+    img_size: int | tuple | None = None  # recorded by train (trained_metadata)
+    data: DataConfig | None = None  # the recorded preprocessing, where it has no name
+    classes: list | None = None  # the recorded class names
 
     @property
     def recorded(self):
@@ -171,7 +181,7 @@ def read_checkpoint(path, *, load=True, use_ema=False):
         if meta.get("gelu") not in (None, *GELU_FORMS):
             raise ValueError(f"{path}: metadata gelu {meta['gelu']!r} is not one of {GELU_FORMS}")
         return Checkpoint(path, fmt, params, source, ln_eps, meta.get("gelu"), meta.get("preprocessing"),
-                          metadata=meta)
+                          **_trained_fields(meta, path))
     notes = ()
     if fmt == "pth":
         state, notes = select_state_dict(read_pth(path, load=load), path, use_ema)
@@ -200,6 +210,71 @@ def read_checkpoint(path, *, load=True, use_ema=False):
     numerics = SOURCES[source]
     recorded = (numerics["ln_eps"], numerics["gelu"]) if source != "timm" else (None, None)
     return Checkpoint(path, fmt, params, source, *recorded, numerics["preprocessing"], notes)
+
+
+def _json_entry(meta, key, path, check, says):
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        value = check = None
+    if check is None or not check(value):
+        raise ValueError(f"{path}: metadata {key} {meta[key][:80]!r} is not {says}")
+    return value
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 20
+
+
+def _numbers(v, positive=False):
+    return (isinstance(v, list) and 0 < len(v) <= 16 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+        for x in v))
+
+
+_INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box")
+
+
+def _data_config_ok(d):
+    return (isinstance(d, dict) and set(d) == {"mean", "std", "crop_pct", "interpolation", "pipeline"}
+            and _numbers(d["mean"]) and _numbers(d["std"], positive=True) and len(d["mean"]) == len(d["std"])
+            and isinstance(d["crop_pct"], (int, float)) and not isinstance(d["crop_pct"], bool)
+            and 0 < d["crop_pct"] <= 1 and d["interpolation"] in _INTERPOLATIONS
+            and d["pipeline"] in ("timm", "mmpretrain"))
+
+
+def _trained_fields(meta, path):
+    """img_size, data and classes from what train records (trained_metadata), each checked."""
+    size = _json_entry(meta, "img_size", path, lambda v: _positive_int(v) or (
+        isinstance(v, list) and len(v) == 2 and all(map(_positive_int, v))), "an image size")
+    data = _json_entry(meta, "data_config", path, _data_config_ok, "a preprocessing (mean, std, crop_pct, "
+                       f"interpolation in {_INTERPOLATIONS}, pipeline)")
+    classes = _json_entry(meta, "classes", path, lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+                          "a list of class names")
+    if data is not None:
+        data = DataConfig(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+    return {"img_size": tuple(size) if isinstance(size, list) else size, "data": data, "classes": classes}
+
+
+def trained_metadata(cfg, model=None, data=None):
+    """The metadata train writes into model.safetensors, so that eval and predict run the model
+    as it was trained and evaluated: its numerics, input size, preprocessing and class names.
+    data: the run's data info, with 'preprocessing' (a PREPROCESSING name or DataConfig fields)
+    and 'classes'."""
+    meta = {"source": "timm", "ln_eps": repr(cfg.ln_eps), "gelu": cfg.gelu,
+            "img_size": json.dumps(list(cfg.img_size) if isinstance(cfg.img_size, tuple) else cfg.img_size)}
+    if model:
+        meta["model"] = model
+    pre, classes = (data or {}).get("preprocessing"), (data or {}).get("classes")
+    if isinstance(pre, str):
+        meta["preprocessing"] = pre
+    elif isinstance(pre, dict):
+        meta["data_config"] = json.dumps(pre)
+    if classes:
+        meta["classes"] = json.dumps(list(classes))
+    return meta
 
 
 def _float_dtype(a):
@@ -363,12 +438,13 @@ def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite
 
 
 def config_for_file(path, cfg):
-    """cfg with the weights file's recorded numerics and its number of classes: what
+    """cfg with the weights file's recorded numerics, input size and number of classes: what
     --weights FILE implies before any explicit flag."""
     ck = read_checkpoint(path, load=False)
     head = ck.params.get("head.weight")
     classes = {"num_classes": head.shape[0]} if head is not None and len(head.shape) == 2 else {}
-    return cfg.replace(**ck.recorded, **classes)
+    size = {"img_size": ck.img_size} if ck.img_size is not None else {}
+    return cfg.replace(**ck.recorded, **classes, **size)
 
 
 def load_checkpoint(path, cfg=None, *, dtype="float32", backend="numpy", use_ema=False):

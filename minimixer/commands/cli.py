@@ -39,9 +39,12 @@ def run(main, argv=None, prog="minimixer"):
 def add_weights_args(p):
     """--weights (timm: --checkpoint) and --allow-nonfinite, the same for every command that loads a model."""
     p.add_argument("--weights", "--checkpoint", dest="weights", default="auto", metavar="FILE",
-                   help="a safetensors file, or 'auto' (bundled, ./weights/, or download)")
+                   help="a safetensors file, a .pth (timm's, a training checkpoint, MMPretrain's), a JAX .npz, "
+                        "or 'auto' (bundled, ./weights/, or download)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights that hold NaN or Inf (refused by default: they give NaN logits)")
+    p.add_argument("--use-ema", action="store_true",
+                   help="a timm training checkpoint's EMA weights (state_dict_ema), as timm's validate.py --use-ema")
 
 
 def add_model_args(p, default_model):
