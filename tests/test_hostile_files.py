@@ -229,3 +229,34 @@ def test_fuzz_npz_declared_shapes(tmp_path, entries):
     except ValueError as e:
         assert "\n" not in str(e) and str(path) in str(e)
 
+
+
+# --- timm's args: an argparse.Namespace, read as data --------------------------------------
+
+_NS = b"cargparse\nNamespace\n)\x81"  # GLOBAL, EMPTY_TUPLE, NEWOBJ: how protocol 2 spells Namespace()
+
+
+def _ns_file(tmp_path, tail):
+    path = tmp_path / "args.pth"
+    body = _tensor_pickle()[2:-1]  # the OrderedDict state dict, without PROTO and STOP
+    torch_like_zip(path, b"\x80\x02}" + _str("state_dict") + body + b"s" + _str("args") + _NS + tail + b"s.",
+                   {"archive/data/0": np.array([1, 2, 3], "<f4").tobytes()})
+    return path
+
+
+def test_namespace_reads_as_inert_data(tmp_path):
+    """Torch-free twin of the live test: Namespace(model='x', lr=0.1) reads as a SimpleNamespace."""
+    obj = read_pth(_ns_file(tmp_path, b"}(" + _str("model") + _str("x") + _str("lr") + b"G?\xb9\x99\x99\x99\x99\x99\x9a"
+                            + b"ub"))
+    import types
+    assert isinstance(obj["args"], types.SimpleNamespace) and vars(obj["args"]) == {"model": "x", "lr": 0.1}
+    assert obj["state_dict"]["w"].tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("tail,says", [(b"}" + _str("a") + b"K\x01sb}" + _str("b") + b"K\x02sb", "twice"),
+                                       (b"K\x07b", "not a dict of names"),
+                                       (b"}K\x01K\x02sb", "not a dict of names")],
+                         ids=["build-twice", "int-state", "int-field"])
+def test_namespace_refuses_odd_builds(tmp_path, tail, says):
+    with pytest.raises(PthError, match=says):
+        read_pth(_ns_file(tmp_path, tail))
