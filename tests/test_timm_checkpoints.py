@@ -169,13 +169,13 @@ def digits_setup(tmp_path_factory):
     with torch.inference_mode():
         acc = {k: round(100.0 * float((m(torch.from_numpy(x)).argmax(1).numpy() == y).mean()), 4)
                for k, m in (("model", model), ("ema", ema.module))}
-    return files, acc, model
+    return files, acc, model, ema.module
 
 
 def test_eval_use_ema_is_timms_ema_model(digits_setup, capsys, tmp_path):
     """eval on the digits: the checkpoint's top-1 is timm's model's, and with --use-ema timm's
     EMA model's."""
-    files, acc, _ = digits_setup
+    files, acc, _, _ = digits_setup
     print("timm top-1:", acc)
     for flags, want in (([], acc["model"]), (["--use-ema"], acc["ema"])):
         results = tmp_path / "r.json"
@@ -188,7 +188,7 @@ def test_eval_use_ema_is_timms_ema_model(digits_setup, capsys, tmp_path):
 def test_init_from_and_convert_read_timm_checkpoints(digits_setup, capsys, tmp_path):
     """train --init-from checkpoint.pth.tar (lr 0: the weights pass through unchanged) and
     weights convert both read its state_dict, exactly."""
-    files, _, model = digits_setup
+    files, _, model, ema = digits_setup
     want = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     out = tmp_path / "run"
     assert train_command(["--init-from", files["checkpoint-1.pth.tar"], "--out", str(out), "--epochs", "1",
@@ -201,3 +201,6 @@ def test_init_from_and_convert_read_timm_checkpoints(digits_setup, capsys, tmp_p
     assert weights_main(["convert", files["checkpoint-1.pth.tar"], "--out", str(conv)]) == 0
     got = mm.checkpoints.safetensors_io.read_safetensors(conv)
     assert all(np.array_equal(got[k], want[k]) for k in want)
+    assert weights_main(["convert", files["checkpoint-1.pth.tar"], "--out", str(conv), "--use-ema"]) == 0
+    got = mm.checkpoints.safetensors_io.read_safetensors(conv)
+    assert all(np.array_equal(got[k], v.detach().numpy()) for k, v in ema.state_dict().items())

@@ -42,7 +42,7 @@ def test_eval_reproduces_the_accuracy_training_reported(tmp_path, capsys):
     gives the accuracy the last epoch reported, to all four decimals eval prints; the same
     tensors without the metadata do not (as on main: 87.32% reported, 80.845% evaluated)."""
     out = tmp_path / "run"
-    assert train_main(["--ln-eps", "0.5", "--gelu", "tanh", "--epochs", "2", "--batch-size", "128", "--lr", "0.01",
+    assert train_main(["--ln-eps", "0.5", "--gelu", "tanh", "--epochs", "1", "--batch-size", "128", "--lr", "0.01",
                        "--warmup", "0", "--out", str(out), "--no-progress"]) == 0
     reported = json.loads((out / "metrics.json").read_text())[-1]["test_top1"]
     meta = _metadata(out / "model.safetensors")
