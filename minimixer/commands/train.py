@@ -30,7 +30,7 @@ from ..data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_
 from ..optim import SCHEDULES
 from ..params import init_params
 from ..training.transfer import describe_frozen, frozen_names, reset_head
-from ..checkpoints.convert import read_checkpoint
+from ..checkpoints.convert import check_numerics, read_checkpoint
 from ..training.loop import OPTIMIZERS, SETTING_RULES, Interrupted, TrainSettings, fit, load_checkpoint, setting_problem
 from ..checkpoints.safetensors_io import check_state_dict
 from ..checkpoints.preprocessing import DataConfig
@@ -217,6 +217,7 @@ def init_from(path, cfg, dtype, seed):
     ck = read_checkpoint(path)
     for note in ck.notes:
         print(note)
+    check_numerics(ck, cfg)  # a file trained with other ln_eps/gelu: a NumericsWarning says how to match it
     tensors = ck.params
     head = tensors.get("head.weight")
     file_classes = head.shape[0] if head is not None and head.ndim == 2 else cfg.num_classes
