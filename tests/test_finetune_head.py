@@ -1,7 +1,6 @@
 """A new head and partial training (issue 22, item 2): `train --init-from FILE --num-classes K`
 re-initializes the head as timm's reset_classifier does and says so; --freeze and
 --train-blocks keep parameters bit-identical (no update, no weight decay) while the rest train."""
-import json
 import math
 
 import numpy as np
@@ -75,7 +74,7 @@ def test_new_head_as_reset_classifier_and_resume_keeps_frozen(tmp_path, capsys):
     assert train_command([*flags, "--stop-after", "1"]) == 0
     text = capsys.readouterr().out
     lines = [line for line in text.splitlines() if "head" in line and "replaced" in line]
-    assert len(lines) == 1 and "10-class" in lines[0] and "12-class" in lines[0] and "reset_classifier" in lines[0], text
+    assert len(lines) == 1 and all(w in lines[0] for w in ("10-class", "12-class", "reset_classifier")), text
     state = load_checkpoint(out / "checkpoint.safetensors")
     head = state["params"]["head.weight"]
     dim = head.shape[1]

@@ -6,7 +6,6 @@ The pickles are spelled by hand (protocol 2), the way torch.save spells them, so
 needed: see _tensor_pickle.
 """
 import os
-import pickle
 import subprocess
 import sys
 import zipfile

@@ -115,7 +115,7 @@ def test_checkpoint_saver_files_predict_as_timm(photos_setup, capsys):
         with pytest.warns(CheckpointNote) as notes:  # printed on stderr outside pytest
             rows, _ = _predict(capsys, files[name])
         note = str(notes[0].message)
-        assert "a training checkpoint (epoch 1)" in note and "--use-ema" in note and "optimizer state (not used)" in note
+        assert all(w in note for w in ("a training checkpoint (epoch 1)", "--use-ema", "optimizer state (not used)"))
         _check_top5(rows, ref["model"], name)
         rows, _ = _predict(capsys, files[name], "--use-ema")
         _check_top5(rows, ref["ema"], name + " --use-ema")

@@ -118,3 +118,42 @@ def test_files_without_the_new_entries_read_as_before():
     ck = read_checkpoint(BUNDLED_DIGITS, load=False)
     assert (ck.img_size, ck.data, ck.classes) == (None, None, None)
     assert class_names("mixer_digits", 10, BUNDLED_DIGITS) == [str(i) for i in range(10)]
+
+
+def _folder(root, rng, classes=("ant", "bee", "cat"), per_class=6):
+    """train/ and val/ in ImageFolder layout: each class a different mean colour, plus noise."""
+    for split in ("train", "val"):
+        for i, name in enumerate(classes):
+            os.makedirs(root / split / name)
+            for j in range(per_class):
+                base = np.zeros((40, 48, 3)) + 60 * i + 40
+                pixels = np.clip(base + rng.normal(0, 50, base.shape), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{j}.png")
+
+
+def test_image_folder_run_carries_size_preprocessing_and_class_names(tmp_path, capsys):
+    """Trained on an ImageFolder at --img-size 32: model.safetensors records the input size,
+    the validation transform and the folder names; eval on val/ (no --img-size given)
+    reproduces the reported accuracy, and predict labels with the folder names."""
+    _folder(tmp_path / "data", np.random.default_rng(0))
+    geometry = ["--model", "mixer_s32_224", "--num-blocks", "1", "--embed-dim", "16"]
+    out = tmp_path / "run"
+    assert train_main([*geometry, "--img-size", "32", "--data", str(tmp_path / "data"), "--epochs", "2",
+                       "--batch-size", "6", "--lr", "0.01", "--warmup", "0", "--out", str(out), "--no-progress",
+                       "-j", "1"]) == 0
+    reported = json.loads((out / "metrics.json").read_text())[-1]["test_top1"]
+    meta = _metadata(out / "model.safetensors")
+    assert json.loads(meta["img_size"]) == 32 and json.loads(meta["classes"]) == ["ant", "bee", "cat"]
+    assert json.loads(meta["data_config"]) == {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_pct": 0.875,
+                                               "interpolation": "bicubic", "pipeline": "timm"}
+    results = tmp_path / "r.json"
+    assert eval_main([*geometry, "--weights", str(out / "model.safetensors"), "--data", str(tmp_path / "data" / "val"),
+                      "--no-progress", "--results-file", str(results), "-j", "1"]) == 0
+    row = json.loads(results.read_text())
+    print(f"reported {reported:.4f}, eval {row['top1']:.4f} at {row['img_size']}")
+    assert row["top1"] == round(reported, 4) and row["img_size"] == 32
+    capsys.readouterr()
+    img = str(tmp_path / "data" / "val" / "bee" / "0.png")
+    assert predict_main([img, *geometry, "--weights", str(out / "model.safetensors"), "--json", "--topk", "3"]) == 0
+    labels = [t["label"] for t in json.loads(capsys.readouterr().out)[0]["topk"]]
+    assert sorted(labels) == ["ant", "bee", "cat"]

@@ -235,7 +235,8 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and pid[1] is self.allowed.get(("torch", pid[1].name)) and isinstance(pid[2], str) and _is_int(pid[4])
+                and isinstance(pid[1], _StorageType) and pid[1] is self.allowed.get(("torch", pid[1].name))
+                and isinstance(pid[2], str) and _is_int(pid[4])
                 and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:80]}")
         return self.reader.storage(pid[2], pid[1], pid[4])

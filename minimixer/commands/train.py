@@ -207,7 +207,8 @@ def make_loaders(data, cfg, settings, workers, folder=None):
     # training stops on such an image (strict): skipping it would shift the steps from the schedule
     return (ImageLoader(train_used, train_transform(size), settings.batch_size, shuffle=True,
                         seed=settings.seed, workers=workers, drop_last=True, strict=True),
-            ImageLoader(val_used, eval_transform(size, **EVAL_KWARGS), 64, workers=workers, on_error=named), classes, info)
+            ImageLoader(val_used, eval_transform(size, **EVAL_KWARGS), 64, workers=workers, on_error=named),
+            classes, info)
 
 
 def init_from(path, cfg, dtype, seed):

@@ -498,7 +498,8 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
             f"top-5 {row['test_top5']:.2f}%  {row['train_img_per_s']:.0f} img/s")
         if root:
             write_metrics(out_dir, metrics)
-            save_weights(params, os.path.join(out_dir, "model.safetensors"), metadata=trained_metadata(cfg, model, data))
+            save_weights(params, os.path.join(out_dir, "model.safetensors"),
+                         metadata=trained_metadata(cfg, model, data))  # its numerics, input, classes
         checkpoint()
 
     def stop_here(stop):
