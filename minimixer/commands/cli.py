@@ -2,6 +2,8 @@
 import argparse
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 
 from ..runtime import distributed
 from ..backend import BackendError
@@ -25,7 +27,8 @@ def run(main, argv=None, prog="minimixer"):
     A command that has partial results catches KeyboardInterrupt itself, prints them and
     returns 130."""
     try:
-        return main(argv)
+        with notes_as_lines(prog):
+            return main(argv)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -34,6 +37,24 @@ def run(main, argv=None, prog="minimixer"):
         print(f"{prog}: error: {msg}", file=sys.stderr)
         distributed.abort(2)  # under mpiexec, the other ranks would wait forever: end them too
         return 2
+
+
+@contextmanager
+def notes_as_lines(prog):
+    """minimixer's own notes about a weights file (NumericsWarning, CheckpointNote) as one line
+    on stderr, 'prog: note: ...', instead of Python's two-line warning with a source line."""
+    from ..checkpoints.convert import CheckpointNote, NumericsWarning
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (CheckpointNote, NumericsWarning)):
+            print(f"{prog}: note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
 
 
 def add_weights_args(p):
