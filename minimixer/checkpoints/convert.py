@@ -9,6 +9,14 @@ file that timm loads as it is, with what the model needs recorded in its metadat
     ln_eps, gelu   the numerics the source model ran with (1e-5/erf, 1e-6/tanh, ...)
     preprocessing  the registry's name for the source's input pipeline
 
+and a file that `train` wrote also records what it was trained with (trained_metadata):
+
+    img_size       the input size, JSON (224 or [h, w])
+    data_config    the eval preprocessing, JSON {mean, std, crop_pct, interpolation, pipeline}
+                   (where it has no name in PREPROCESSING)
+    classes        the class names, JSON list, in output order
+    model          the name it was trained as
+
 load_weights and every --weights flag read that metadata (and the original files too), so
 a converted MMPretrain file reproduces MMPretrain's logits with no extra flags.
 """
@@ -30,7 +38,7 @@ from ..layers import GELU_FORMS
 from . import jax as jax_format
 from . import mmpretrain
 from .pth import read_pth
-from .preprocessing import PREPROCESSING
+from .preprocessing import PREPROCESSING, DataConfig
 from .safetensors_io import (atomic_write_bytes, check_finite, check_state_dict, open_regular_file,
                              read_safetensors)
 
@@ -47,6 +55,14 @@ class NumericsWarning(UserWarning):
     """The config's ln_eps/gelu differ from those the weights were made with."""
 
 
+class CheckpointNote(UserWarning):
+    """What was read from a training checkpoint, and what was left (optimizer state, EMA weights)."""
+
+
+# DataParallel's and torch.compile's wrappers prefix every key (timm's clean_state_dict strips them)
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
 @dataclass
 class Checkpoint:
     path: str
@@ -56,6 +72,10 @@ class Checkpoint:
     ln_eps: float | None  # None: not recorded (a plain timm file)
     gelu: str | None
     preprocessing: str | None
+    notes: tuple = ()  # what a training checkpoint held besides the weights read (CheckpointNote)
+    img_size: int | tuple | None = None  # recorded by train (trained_metadata)
+    data: DataConfig | None = None  # the recorded preprocessing, where it has no name
+    classes: list | None = None  # the recorded class names
 
     @property
     def recorded(self):
@@ -94,14 +114,61 @@ def detect_format(path):
     raise ValueError(f"{path}: unknown format: not safetensors, a torch .pth or a JAX .npz")
 
 
-def read_checkpoint(path, *, load=True):
+def select_state_dict(obj, path, use_ema=False):
+    """(state dict, notes) from what a .pth holds, as timm's load_checkpoint picks it: a bare
+    state dict, or a training checkpoint's 'state_dict' ('model'), or with use_ema its
+    'state_dict_ema' ('model_ema'). Unlike timm, use_ema on a file without EMA weights is an
+    error, not a silent fallback."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    names = ("state_dict_ema", "model_ema") if use_ema else ("state_dict", "model")
+    key = next((k for k in names if isinstance(obj.get(k), dict)), None)
+    if use_ema and key is None:
+        raise ValueError(f"{path}: --use-ema: the file holds no EMA weights (no 'state_dict_ema' entry)")
+    if key is None:
+        return obj, ()
+    held = []
+    if not use_ema and isinstance(obj.get("state_dict_ema") or obj.get("model_ema"), dict):
+        held.append("EMA weights (read them with --use-ema)")
+    if "optimizer" in obj:
+        held.append("optimizer state (not used)")
+    notes = ()
+    if held:
+        epoch = obj.get("epoch")
+        what = f"a training checkpoint (epoch {epoch})" if isinstance(epoch, int) else "a training checkpoint"
+        notes = (f"{path}: {what}: read its {key!r}; it also holds {' and '.join(held)}",)
+    return obj[key], notes
+
+
+def strip_wrapper_prefixes(state, path):
+    """Keys without DataParallel's 'module.' and torch.compile's '_orig_mod.' (in any nesting);
+    ValueError for a key that is not a string or that two keys would both become."""
+    out = {}
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{path}: its state dict has the key {key!r} (a {type(key).__name__}), "
+                             "not a tensor name: not a model's state dict")
+        name = key
+        while name.startswith(WRAPPER_PREFIXES):
+            name = name.split(".", 1)[1]
+        if name in out:
+            raise ValueError(f"{path}: {key!r} and another key both name {name!r}")
+        out[name] = value
+    return out
+
+
+def read_checkpoint(path, *, load=True, use_ema=False):
     """A Checkpoint of any supported format, its params under timm's names and layouts.
-    load=False reads names and shapes only. ValueError (one line, naming the file) if it is
-    not a Mixer checkpoint of a known format."""
+    load=False reads names and shapes only. use_ema: a timm training checkpoint's EMA weights.
+    ValueError (one line, naming the file) if it is not a Mixer checkpoint of a known format."""
     path = os.fspath(path)
     fmt = detect_format(path)
+    if use_ema and fmt != "pth":
+        raise ValueError(f"{path}: --use-ema: {FORMATS[fmt]} holds one set of weights; EMA weights come in "
+                         "timm's training checkpoints (.pth.tar)")
     if fmt == "safetensors":
         params, meta = _read_safetensors(path, load)
+        params = strip_wrapper_prefixes(params, path)
         source = meta.get("source", "timm")
         if source not in SOURCES:
             raise ValueError(f"{path}: metadata names an unknown source {source!r}")
@@ -113,10 +180,13 @@ def read_checkpoint(path, *, load=True):
             raise ValueError(f"{path}: metadata ln_eps {meta['ln_eps']!r} is not a positive number")
         if meta.get("gelu") not in (None, *GELU_FORMS):
             raise ValueError(f"{path}: metadata gelu {meta['gelu']!r} is not one of {GELU_FORMS}")
-        return Checkpoint(path, fmt, params, source, ln_eps, meta.get("gelu"), meta.get("preprocessing"))
+        return Checkpoint(path, fmt, params, source, ln_eps, meta.get("gelu"), meta.get("preprocessing"),
+                          **_trained_fields(meta, path))
+    notes = ()
     if fmt == "pth":
-        state = mmpretrain.state_dict_of(read_pth(path, load=load))
-        if not isinstance(state, dict) or not all(hasattr(v, "shape") for v in state.values()):
+        state, notes = select_state_dict(read_pth(path, load=load), path, use_ema)
+        state = strip_wrapper_prefixes(state, path)
+        if not all(hasattr(v, "shape") for v in state.values()):
             raise ValueError(f"{path}: holds no state dict of tensors (expected a dict, or {{'state_dict': dict}})")
         if mmpretrain.is_mmpretrain(state):
             source, params = "mmpretrain", mmpretrain.to_timm(state, path)
@@ -126,17 +196,85 @@ def read_checkpoint(path, *, load=True):
             raise ValueError(f"{path}: a .pth, but not an MLP-Mixer from MMPretrain or timm "
                              f"(keys like {', '.join(map(repr, list(state)[:3]))})")
     else:
-        arrays = jax_format.read_npz(path, load=load)
+        arrays = jax_format.read_npz(path, load=False)  # headers first: keys and sizes before any data
         if not jax_format.is_jax(arrays):
             raise ValueError(f"{path}: a .npz, but not a JAX MLP-Mixer checkpoint (no stem/kernel; "
                              f"keys like {', '.join(map(repr, list(arrays)[:3]))})")
-        if not load:
+        jax_format.to_timm(arrays, path)  # unknown keys are named now, before anything is decompressed
+        if load:
+            arrays = jax_format.read_npz(path)
+        else:
             arrays = {k: _Shape(jax_format.torch_shape(shape, jax_format.timm_name(k)[1]))
                       for k, (shape, _) in arrays.items()}
         source, params = "jax", jax_format.to_timm(arrays, path)
     numerics = SOURCES[source]
     recorded = (numerics["ln_eps"], numerics["gelu"]) if source != "timm" else (None, None)
-    return Checkpoint(path, fmt, params, source, *recorded, numerics["preprocessing"])
+    return Checkpoint(path, fmt, params, source, *recorded, numerics["preprocessing"], notes)
+
+
+def _json_entry(meta, key, path, check, says):
+    if key not in meta:
+        return None
+    try:
+        value = json.loads(meta[key])
+    except ValueError:
+        value = check = None
+    if check is None or not check(value):
+        raise ValueError(f"{path}: metadata {key} {meta[key][:80]!r} is not {says}")
+    return value
+
+
+def _positive_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and 0 < v < 1 << 20
+
+
+def _numbers(v, positive=False):
+    return (isinstance(v, list) and 0 < len(v) <= 16 and all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and (x > 0 or not positive)
+        for x in v))
+
+
+_INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "lanczos", "box")
+
+
+def _data_config_ok(d):
+    return (isinstance(d, dict) and set(d) == {"mean", "std", "crop_pct", "interpolation", "pipeline"}
+            and _numbers(d["mean"]) and _numbers(d["std"], positive=True) and len(d["mean"]) == len(d["std"])
+            and isinstance(d["crop_pct"], (int, float)) and not isinstance(d["crop_pct"], bool)
+            and 0 < d["crop_pct"] <= 1 and d["interpolation"] in _INTERPOLATIONS
+            and d["pipeline"] in ("timm", "mmpretrain"))
+
+
+def _trained_fields(meta, path):
+    """img_size, data and classes from what train records (trained_metadata), each checked."""
+    size = _json_entry(meta, "img_size", path, lambda v: _positive_int(v) or (
+        isinstance(v, list) and len(v) == 2 and all(map(_positive_int, v))), "an image size")
+    data = _json_entry(meta, "data_config", path, _data_config_ok, "a preprocessing (mean, std, crop_pct, "
+                       f"interpolation in {_INTERPOLATIONS}, pipeline)")
+    classes = _json_entry(meta, "classes", path, lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
+                          "a list of class names")
+    if data is not None:
+        data = DataConfig(**{**data, "mean": tuple(data["mean"]), "std": tuple(data["std"])})
+    return {"img_size": tuple(size) if isinstance(size, list) else size, "data": data, "classes": classes}
+
+
+def trained_metadata(cfg, model=None, data=None):
+    """The metadata train writes into model.safetensors, so that eval and predict run the model
+    as it was trained and evaluated: its numerics, input size, preprocessing and class names.
+    data: the run's data info, with 'preprocessing' (a PREPROCESSING name or DataConfig fields)
+    and 'classes'."""
+    meta = {"source": "timm", "ln_eps": repr(cfg.ln_eps), "gelu": cfg.gelu,
+            "img_size": json.dumps(list(cfg.img_size) if isinstance(cfg.img_size, tuple) else cfg.img_size)}
+    if model:
+        meta["model"] = model
+    pre, classes = (data or {}).get("preprocessing"), (data or {}).get("classes")
+    if isinstance(pre, str):
+        meta["preprocessing"] = pre
+    elif isinstance(pre, dict):
+        meta["data_config"] = json.dumps(pre)
+    if classes:
+        meta["classes"] = json.dumps(list(classes))
+    return meta
 
 
 def _float_dtype(a):
@@ -232,11 +370,14 @@ def preset_of(cfg):
     return None
 
 
-def read_for(path, cfg):
+def read_for(path, cfg, use_ema=False):
     """load_weights' reader: {timm name: array} from a file of any format, checked to be the
     variant cfg describes (one line naming both otherwise). Warns (NumericsWarning) when the
-    file records other numerics than cfg's."""
-    ck = read_checkpoint(path)
+    file records other numerics than cfg's, and says (CheckpointNote) what a training
+    checkpoint held besides the weights read."""
+    ck = read_checkpoint(path, use_ema=use_ema)
+    for note in ck.notes:
+        warnings.warn(note, CheckpointNote, stacklevel=3)
     if ck.format != "safetensors":
         _check_variant(ck, cfg)
     check_numerics(ck, cfg)
@@ -277,14 +418,15 @@ def check_numerics(ck, cfg):
                       f"(cfg.replace({want}) reproduces the source)", NumericsWarning, stacklevel=3)
 
 
-def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite=False):
-    """Load a Mixer checkpoint (timm safetensors, MMPretrain .pth, JAX .npz) into a flat dict
-    keyed by timm's names, checked against cfg.
+def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite=False, use_ema=False):
+    """Load a Mixer checkpoint (timm safetensors or .pth, timm's training checkpoints, MMPretrain
+    .pth, JAX .npz) into a flat dict keyed by timm's names, checked against cfg. use_ema: a
+    timm training checkpoint's EMA weights (timm's validate.py --use-ema).
 
     A tensor with NaN or Inf (also one that overflows `dtype`, e.g. 1e5 in float16) is an
     error unless allow_nonfinite is set."""
     dtype = float_dtype(dtype)
-    tensors = read_for(path, cfg)
+    tensors = read_for(path, cfg, use_ema)
     expected = param_shapes(cfg)
     check_state_dict({k: v.shape for k, v in tensors.items()}, expected, os.fspath(path))
     # astype copies, so every array is writable and owns its memory (not the file buffer)
@@ -296,31 +438,32 @@ def load_weights(path, cfg, *, dtype="float32", backend="numpy", allow_nonfinite
 
 
 def config_for_file(path, cfg):
-    """cfg with the weights file's recorded numerics and its number of classes: what
+    """cfg with the weights file's recorded numerics, input size and number of classes: what
     --weights FILE implies before any explicit flag."""
     ck = read_checkpoint(path, load=False)
     head = ck.params.get("head.weight")
     classes = {"num_classes": head.shape[0]} if head is not None and len(head.shape) == 2 else {}
-    return cfg.replace(**ck.recorded, **classes)
+    size = {"img_size": ck.img_size} if ck.img_size is not None else {}
+    return cfg.replace(**ck.recorded, **classes, **size)
 
 
-def load_checkpoint(path, cfg=None, *, dtype="float32", backend="numpy"):
+def load_checkpoint(path, cfg=None, *, dtype="float32", backend="numpy", use_ema=False):
     """(params, cfg) from a file of any format. cfg=None: the config comes from the file's
     shapes and metadata; a given cfg takes the file's numerics (ln_eps, gelu) where it records
     them and its number of classes, and is checked to be the same variant."""
     cfg = infer_config(read_checkpoint(path, load=False)) if cfg is None else config_for_file(path, cfg)
-    return load_weights(path, cfg, dtype=dtype, backend=backend), cfg
+    return load_weights(path, cfg, dtype=dtype, backend=backend, use_ema=use_ema), cfg
 
 
 # --- writing --------------------------------------------------------------------------------
 
-def convert(src, dst, *, like=None, preprocessing=None, img_size=None, ln_eps=None, gelu=None):
+def convert(src, dst, *, like=None, preprocessing=None, img_size=None, ln_eps=None, gelu=None, use_ema=False):
     """Write src (any format) as a timm-named safetensors file with the metadata above, atomically.
     like: the MixerConfig the file must be (an error names the variant otherwise; the number of
     classes may differ); img_size: the input size, where the patch grid is not square; ln_eps,
     gelu: the numerics to record where the file does not say (a plain timm file is taken to be
     timm's 1e-6, erf). Returns (Checkpoint, MixerConfig)."""
-    ck = read_checkpoint(src)
+    ck = read_checkpoint(src, use_ema=use_ema)
     cfg = infer_config(ck, img_size=img_size or (like.img_size if like else None))
     try:
         cfg = cfg.replace(**{k: v for k, v in (("ln_eps", ln_eps), ("gelu", gelu)) if v is not None})

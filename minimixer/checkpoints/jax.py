@@ -6,6 +6,7 @@ flattened with '/'. Convolution kernels are HWIO and Dense kernels (in, out), wh
 (vit_jax/models_mixer.py): flax.linen.gelu, which is the tanh approximation, and Flax's
 LayerNorm eps 1e-6. (timm runs the same weights with the exact, erf GELU.)
 """
+import math
 import os
 import re
 import zipfile
@@ -58,28 +59,63 @@ def to_torch_layout(array, layout):
     return array
 
 
+# A deflated entry may not inflate more than this (real weights compress by a few percent; a
+# bomb of zeros by 1000x), above a size under which it does not matter.
+MAX_RATIO, RATIO_FLOOR = 100, 1 << 24
+
+
 def read_npz(path, *, load=True):
     """{Flax key: array} from a .npz, never unpickling (allow_pickle=False). load=False reads
-    only the headers: {key: (shape, dtype)}."""
+    only the headers: {key: (shape, dtype)}. Every entry's header is read and checked against
+    its size in the archive before any entry is decompressed, so a small file cannot inflate
+    to more than it declares, nor declare more than it holds."""
     path = os.fspath(path)
     try:
-        if load:
-            with np.load(path, allow_pickle=False) as npz:
-                return {k: npz[k] for k in npz.files}
         with zipfile.ZipFile(path) as zf:
-            return {n[:-len(".npy")]: _npy_header(zf, n) for n in zf.namelist() if n.endswith(".npy")}
+            names = zf.namelist()
+            if len(set(names)) != len(names):
+                raise ValueError(f"{path}: an archive with two entries of one name: forged")
+            headers = {n[:-len(".npy")]: _npy_header(path, zf, n) for n in zf.namelist() if n.endswith(".npy")}
+            if not load:
+                return {k: (shape, dtype) for k, (shape, dtype, _) in headers.items()}
+            return {k: _npy_data(path, zf, k + ".npy", header) for k, header in headers.items()}
+    except ValueError as e:
+        if str(e).startswith(f"{path}: "):
+            raise
+        raise ValueError(f"{path}: not a readable .npz ({str(e)[:160]}): truncated, or not a JAX checkpoint") from None
     except Exception as e:  # noqa: BLE001 - zipfile's and NumPy's parsers raise many kinds; all mean damage
         if isinstance(e, OSError) and not os.path.isfile(path):
             raise  # missing or unreadable: as is
         raise ValueError(f"{path}: not a readable .npz ({str(e)[:160]}): truncated, or not a JAX checkpoint") from None
 
 
-def _npy_header(zf, name):
-    with zf.open(name) as f:
+def _npy_header(path, zf, name):
+    """(shape, dtype, header length) of one entry, from its first bytes only; checked against
+    the entry's size in the archive and its compression ratio."""
+    info = zf.getinfo(name)
+    with zf.open(info) as f:
         version = np.lib.format.read_magic(f)
         read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, _, dtype = read(f)  # the header only, not the data
-    return shape, dtype
+        header_len = f.tell()
+    key = name[:-len(".npy")]
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {key} holds Python objects, not numbers")
+    declared = header_len + math.prod(shape) * dtype.itemsize
+    if info.file_size != declared:
+        raise ValueError(f"{path}: {key} declares shape {tuple(shape)} {dtype} ({declared} bytes with its header) "
+                         f"but its entry holds {info.file_size} bytes: truncated or forged")
+    if (info.compress_type != zipfile.ZIP_STORED and info.file_size > RATIO_FLOOR
+            and info.file_size > MAX_RATIO * info.compress_size):
+        raise ValueError(f"{path}: {key} would inflate {info.compress_size} bytes to {info.file_size} "
+                         f"({info.file_size // max(info.compress_size, 1)}x), more than weights ever compress: refused")
+    return tuple(shape), dtype, header_len
+
+
+def _npy_data(path, zf, name, header):
+    """One entry's array, read only after every header checked out; never more than declared."""
+    with zf.open(name) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
 
 
 def is_jax(keys):

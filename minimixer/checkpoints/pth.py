@@ -7,6 +7,12 @@ it is read by an Unpickler whose find_class knows only a short allow-list, and e
 allowed name maps to a stand-in written here, so no function named by the file, not
 even one of torch's, is ever called. Anything else is refused before it could run.
 
+The stand-ins are made afresh for each load and refuse BUILD (the opcode that sets an
+object's state), so a file, even one that is refused halfway, cannot change how the next
+file is read. timm's training checkpoints pickle their `args` (an argparse.Namespace):
+that name maps to a stand-in class that takes its fields as data, and reads back as a
+types.SimpleNamespace; argparse is never imported.
+
     read_pth(path) -> the saved object, with NumPy arrays in place of tensors
 """
 import io
@@ -14,6 +20,7 @@ import math
 import os
 import pickle
 import pickletools
+import types
 import zipfile
 from collections import OrderedDict
 
@@ -24,13 +31,62 @@ class PthError(ValueError):
     """A .pth that cannot or may not be read; the message names the file and the problem."""
 
 
-class _StorageType:
-    """Stands in for torch.FloatStorage & co.: only says which dtype the bytes hold."""
+class _Frozen:
+    """A stand-in that the pickle cannot change: BUILD (its __setstate__, or setattr for slot
+    state) is refused."""
+    __slots__ = ()
+    _what = "a stand-in"
 
-    def __init__(self, name, dtype):
-        self.name, self.dtype = name, dtype
+    def __setattr__(self, name, value):
+        raise pickle.UnpicklingError(f"BUILD applied to {self._what}")
+
+    def __setstate__(self, state):
+        raise pickle.UnpicklingError(f"BUILD applied to {self._what}")
 
     def __reduce__(self):  # never pickled again; keeps it inert if anything tries
+        raise TypeError("not picklable")
+
+
+class _StorageType(_Frozen):
+    """Stands in for torch.FloatStorage & co.: only says which dtype the bytes hold."""
+    __slots__ = ("name", "dtype")
+    _what = "a storage type"
+
+    def __init__(self, name, dtype):
+        object.__setattr__(self, "name", name)
+        object.__setattr__(self, "dtype", dtype)
+
+
+class _Call(_Frozen):
+    """An allowed function, wrapped so that BUILD cannot reach it (a function's __defaults__
+    and __dict__ are writable)."""
+    __slots__ = ("fn",)
+    _what = "an allowed function"
+
+    def __init__(self, fn):
+        object.__setattr__(self, "fn", fn)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+class _NamespaceStandIn:
+    """Stands in for argparse.Namespace (timm's checkpoints pickle their args): NEWOBJ makes
+    one with no arguments, BUILD gives it one dict of named fields; nothing else."""
+    __slots__ = ("fields",)
+
+    def __init__(self, *args, **kwargs):
+        if args or kwargs:
+            raise pickle.UnpicklingError("argparse.Namespace made with arguments")
+
+    def __setstate__(self, state):
+        if hasattr(self, "fields"):
+            raise pickle.UnpicklingError("BUILD applied twice to a Namespace")
+        if not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+            raise pickle.UnpicklingError("a Namespace whose state is not a dict of names")
+        self.fields = dict(state)
+
+    def __reduce__(self):
         raise TypeError("not picklable")
 
 
@@ -140,16 +196,23 @@ def _ordered_dict(items=()):
     return OrderedDict(_plain_items(items))
 
 
-# (module, name) the file may name -> what it gets instead. Nothing else is reachable.
-ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("collections", "OrderedDict"): _ordered_dict,
-    ("builtins", "set"): _set, ("__builtin__", "set"): _set,
-    ("builtins", "frozenset"): _frozenset, ("__builtin__", "frozenset"): _frozenset,
-    ("_codecs", "encode"): _encode,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGES.items()},
-}
+def allowed():
+    """(module, name) the file may name -> what it gets instead: new objects for every load.
+    Nothing else is reachable."""
+    namespace = type("Namespace", (_NamespaceStandIn,), {"__slots__": ()})  # a class: NEWOBJ needs one
+    return {
+        ("torch._utils", "_rebuild_tensor_v2"): _Call(_rebuild_tensor),
+        ("torch._utils", "_rebuild_parameter"): _Call(_rebuild_parameter),
+        ("collections", "OrderedDict"): _Call(_ordered_dict),
+        ("builtins", "set"): _Call(_set), ("__builtin__", "set"): _Call(_set),
+        ("builtins", "frozenset"): _Call(_frozenset), ("__builtin__", "frozenset"): _Call(_frozenset),
+        ("_codecs", "encode"): _Call(_encode),
+        ("argparse", "Namespace"): namespace,
+        **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGES.items()},
+    }
+
+
+ALLOWED_NAMES = tuple(allowed())  # for documentation and tests
 
 
 class Refused(PthError):
@@ -160,10 +223,11 @@ class _Unpickler(pickle.Unpickler):
     def __init__(self, data, reader):
         super().__init__(io.BytesIO(data))
         self.reader = reader
+        self.allowed = allowed()  # this load's own stand-ins
 
     def find_class(self, module, name):  # every GLOBAL, STACK_GLOBAL, INST and EXT opcode comes here
         try:
-            return ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except (KeyError, TypeError):
             raise Refused(f"{self.reader.path}: refused: its pickle calls {module}.{name}, which is not "
                           "a tensor, a storage or a plain container (a .pth is a program; only data is "
@@ -171,7 +235,8 @@ class _Unpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[2], str) and _is_int(pid[4])
+                and isinstance(pid[1], _StorageType) and pid[1] is self.allowed.get(("torch", pid[1].name))
+                and isinstance(pid[2], str) and _is_int(pid[4])
                 and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:80]}")
         return self.reader.storage(pid[2], pid[1], pid[4])
@@ -277,6 +342,8 @@ def _materialize(obj, path, depth=0):
         raise PthError(f"{path}: data nested deeper than 100 levels")
     if isinstance(obj, _Tensor):
         return obj.numpy()
+    if isinstance(obj, _NamespaceStandIn):  # timm's args: inert data
+        return types.SimpleNamespace(**_materialize(getattr(obj, "fields", {}), path, depth + 1))
     if isinstance(obj, dict):
         return {k: _materialize(v, path, depth + 1) for k, v in dict.items(obj)}
     if isinstance(obj, list):

@@ -107,7 +107,8 @@ def data_config(name, weights=None, **overrides):
     A weights file whose metadata names its preprocessing (a converted one) brings its own."""
     _, data, _ = resolve(name)
     if weights not in (None, "auto") and os.path.isfile(weights):
-        data = PREPROCESSING.get(read_checkpoint(weights, load=False).preprocessing, data)
+        ck = read_checkpoint(weights, load=False)
+        data = ck.data or PREPROCESSING.get(ck.preprocessing, data)  # a trained file's own, or a named one
     return replace(data, **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items() if v is not None})
 
 
@@ -126,8 +127,13 @@ def imagenet21k_classes():
     return [tuple(line.split("\t", 1)) for line in gzip.decompress(data).decode().splitlines() if line]
 
 
-def class_names(name, num_classes):
-    """Readable labels for a model's outputs."""
+def class_names(name, num_classes, weights=None):
+    """Readable labels for a model's outputs: those a weights file records (train writes them),
+    else the model tag's."""
+    if weights not in (None, "auto") and os.path.isfile(weights):
+        recorded = read_checkpoint(weights, load=False).classes
+        if recorded and len(recorded) == num_classes:
+            return recorded
     _, _, ck = resolve(name)
     kind = ck.labels if ck else ("imagenet1k" if num_classes == 1000 else "index")
     if kind == "imagenet1k" and num_classes == 1000:

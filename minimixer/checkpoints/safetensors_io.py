@@ -117,10 +117,11 @@ def check_finite(params, source):
                              f"of {v.size}; load it anyway with allow_nonfinite=True (--allow-nonfinite)")
 
 
-def save_weights(params, path):
-    """Write params as safetensors that timm's load_state_dict(strict=True) accepts; atomic."""
+def save_weights(params, path, metadata=None):
+    """Write params as safetensors that timm's load_state_dict(strict=True) accepts; atomic.
+    metadata: more string entries for the header (convert.trained_metadata)."""
     arrays = {k: np.ascontiguousarray(v) for k, v in to_numpy(params).items()}
-    atomic_write_bytes(path, safetensors.numpy.save(arrays, metadata={"format": "pt"}))
+    atomic_write_bytes(path, safetensors.numpy.save(arrays, metadata={"format": "pt", **(metadata or {})}))
 
 
 @contextmanager

@@ -2,6 +2,8 @@
 import argparse
 import os
 import sys
+import warnings
+from contextlib import contextmanager
 
 from ..runtime import distributed
 from ..backend import BackendError
@@ -25,7 +27,8 @@ def run(main, argv=None, prog="minimixer"):
     A command that has partial results catches KeyboardInterrupt itself, prints them and
     returns 130."""
     try:
-        return main(argv)
+        with notes_as_lines(prog):
+            return main(argv)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
@@ -36,12 +39,33 @@ def run(main, argv=None, prog="minimixer"):
         return 2
 
 
+@contextmanager
+def notes_as_lines(prog):
+    """minimixer's own notes about a weights file (NumericsWarning, CheckpointNote) as one line
+    on stderr, 'prog: note: ...', instead of Python's two-line warning with a source line."""
+    from ..checkpoints.convert import CheckpointNote, NumericsWarning
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, (CheckpointNote, NumericsWarning)):
+            print(f"{prog}: note: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def add_weights_args(p):
     """--weights (timm: --checkpoint) and --allow-nonfinite, the same for every command that loads a model."""
     p.add_argument("--weights", "--checkpoint", dest="weights", default="auto", metavar="FILE",
-                   help="a safetensors file, or 'auto' (bundled, ./weights/, or download)")
+                   help="a safetensors file, a .pth (timm's, a training checkpoint, MMPretrain's), a JAX .npz, "
+                        "or 'auto' (bundled, ./weights/, or download)")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="load weights that hold NaN or Inf (refused by default: they give NaN logits)")
+    p.add_argument("--use-ema", action="store_true",
+                   help="a timm training checkpoint's EMA weights (state_dict_ema), as timm's validate.py --use-ema")
 
 
 def add_model_args(p, default_model):

@@ -185,7 +185,8 @@ def main(argv=None):
         weights = find_weights(args.model, args.weights)
     except WeightsNotFound as e:
         raise cli.UserError(str(e)) from None
-    params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite)
+    params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite,
+                          use_ema=args.use_ema)
 
     bar = None
     if not args.no_progress and distributed.is_root():

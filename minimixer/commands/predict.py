@@ -70,8 +70,9 @@ def main(argv=None):
         weights = find_weights(args.model, args.weights)
     except WeightsNotFound as e:
         raise cli.UserError(str(e)) from None
-    params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite)
-    names = class_names(args.model, cfg.num_classes)
+    params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite,
+                          use_ema=args.use_ema)
+    names = class_names(args.model, cfg.num_classes, weights)
     transform = eval_transform(cfg.image_hw[0], crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
                                mean=dcfg.mean, std=dcfg.std, pipeline=dcfg.pipeline)
     decode = getattr(transform, "decode", open_image)  # OpenCV for the MMPretrain pipeline

@@ -29,11 +29,16 @@ from ..config import param_shapes
 from ..data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, open_image, train_transform
 from ..optim import SCHEDULES
 from ..params import init_params
+from ..training.transfer import describe_frozen, frozen_names, reset_head
+from ..checkpoints.convert import check_numerics, read_checkpoint
 from ..training.loop import OPTIMIZERS, SETTING_RULES, Interrupted, TrainSettings, fit, load_checkpoint, setting_problem
 from ..checkpoints.resize import fit_to, resized_config
-from ..checkpoints.safetensors_io import check_state_dict, read_safetensors
+from ..checkpoints.safetensors_io import check_state_dict
+from ..checkpoints.preprocessing import DataConfig
 
 PROG = "python -m minimixer.train"
+EVAL_DATA = DataConfig()  # the validation transform's settings, recorded in model.safetensors
+EVAL_KWARGS = {k: v for k, v in asdict(EVAL_DATA).items() if k != "pipeline"}
 DEFAULT_MODEL = "mixer_digits"
 # Flags a resumed run may give with a value other than the checkpoint's: --epochs re-plans the
 # schedule (as timm's --epochs does on resume); the others do not change what a step computes.
@@ -96,9 +101,13 @@ def build_parser():
         (("--dropout", "--drop"), "dropout", "dropout before the head (timm's drop_rate)"),
         (("--clip-grad",), "clip_grad", "max global grad norm (0: off)"),
         (("--seed",), "seed", None),
+        (("--freeze",), "freeze", "keep these fixed: trunk (all but the head: a linear probe), stem, norm, head, "
+                                  "blocks, blocks.I or blocks.I-J, comma-separated"),
+        (("--train-blocks",), "train_blocks", "train only these blocks, e.g. 6-7 (and the final norm and head)"),
     ]:
         choices = {"schedule": SCHEDULES, "optimizer": tuple(OPTIMIZERS)}.get(dest)
-        default = f"default {getattr(d, dest)}"
+        default = f"default {getattr(d, dest)!r}" if isinstance(getattr(d, dest), str) and not choices \
+            else f"default {getattr(d, dest)}"
         add(g, *names, dest=dest, metavar=None if choices else dest.upper(), choices=choices,
             type=None if choices else setting_type(dest), help=f"{help} ({default})" if help else f"({default})")
     r = p.add_argument_group("run")
@@ -169,7 +178,8 @@ def make_loaders(data, cfg, settings, workers, folder=None):
         x_train, y_train, x_test, y_test = digits_split()
         digest = hashlib.sha256(b"".join(a.tobytes() for a in (x_train, y_train, x_test, y_test))).hexdigest()
         info = {"source": "digits", "train_images": len(y_train), "test_images": len(y_test),
-                "skipped": {"train": 0, "test": 0}, "sha256": digest}
+                "skipped": {"train": 0, "test": 0}, "sha256": digest,
+                "preprocessing": "digits", "classes": [str(i) for i in range(10)]}  # for model.safetensors
         return (ArrayLoader(x_train, y_train, settings.batch_size, shuffle=True, seed=settings.seed),
                 ArrayLoader(x_test, y_test, 256), [str(i) for i in range(10)], info)
     train_samples, val_samples, classes = folder or folder_samples(data)
@@ -188,7 +198,8 @@ def make_loaders(data, cfg, settings, workers, folder=None):
                       for split, used in (("train", train_used), ("val", val_used)) for path, label in used)
     info = {"source": os.path.abspath(data), "train_images": len(train_used), "test_images": len(val_used),
             "skipped": {"train": train_skipped, "test": val_skipped},
-            "sha256": hashlib.sha256(listing.encode()).hexdigest()}
+            "sha256": hashlib.sha256(listing.encode()).hexdigest(),
+            "preprocessing": asdict(EVAL_DATA), "classes": classes}  # for model.safetensors
     size = cfg.image_hw[0]
 
     def named(path, e):  # an image that decoded at start-up but not now
@@ -197,12 +208,19 @@ def make_loaders(data, cfg, settings, workers, folder=None):
     # training stops on such an image (strict): skipping it would shift the steps from the schedule
     return (ImageLoader(train_used, train_transform(size), settings.batch_size, shuffle=True,
                         seed=settings.seed, workers=workers, drop_last=True, strict=True),
-            ImageLoader(val_used, eval_transform(size), 64, workers=workers, on_error=named), classes, info)
+            ImageLoader(val_used, eval_transform(size, **EVAL_KWARGS), 64, workers=workers, on_error=named),
+            classes, info)
 
 
 def init_from(path, cfg, dtype, seed):
-    """Weights from a file; if its head has another number of classes, a fresh (zero) head."""
-    tensors = read_safetensors(path)
+    """Weights from a file of any format (read_checkpoint: safetensors, timm's .pth and training
+    checkpoints, MMPretrain, JAX); if its head has another number of classes, a new head as
+    timm's reset_classifier makes it."""
+    ck = read_checkpoint(path)
+    for note in ck.notes:
+        print(note)
+    check_numerics(ck, cfg)  # a file trained with other ln_eps/gelu: a NumericsWarning says how to match it
+    tensors = ck.params
     tensors, resized = fit_to(tensors, cfg, path)  # made for another image size (checkpoints/resize.py)
     if resized:
         print(resized)
@@ -210,11 +228,11 @@ def init_from(path, cfg, dtype, seed):
     file_classes = head.shape[0] if head is not None and head.ndim == 2 else cfg.num_classes
     check_state_dict({k: v.shape for k, v in tensors.items()}, param_shapes(cfg.replace(num_classes=file_classes)),
                      path)
-    params = {k: v.astype(dtype) for k, v in tensors.items()}
+    params = {k: np.asarray(v).astype(dtype) for k, v in tensors.items()}
     if file_classes != cfg.num_classes:
-        fresh = init_params(cfg, seed=seed, dtype=dtype)
-        params["head.weight"], params["head.bias"] = fresh["head.weight"], fresh["head.bias"]
-        print(f"replaced the {file_classes}-class head with a new {cfg.num_classes}-class head")
+        params["head.weight"], params["head.bias"] = reset_head(params, cfg.num_classes, seed, dtype)
+        print(f"replaced the {file_classes}-class head with a new {cfg.num_classes}-class head "
+              "(initialized as timm's reset_classifier)")
     return params
 
 
@@ -307,6 +325,10 @@ def fresh_run(args, out):
 
     if args.init_from:  # the token hidden width of the weights resized to --img-size
         cfg = resized_config(args.init_from, cfg)
+    try:
+        frozen_names(settings, param_shapes(cfg))  # a block the model lacks: now, before any work
+    except ValueError as e:
+        raise cli.UserError(str(e)) from None
     loaded = init_from(args.init_from, cfg, dtype, settings.seed) if args.init_from else None
 
     def params():  # after the data checks: a large model takes seconds to initialize
@@ -361,6 +383,9 @@ def train(argv):
     print("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(settings).items()))
     for note in run["notes"]:
         print(note)
+    frozen = describe_frozen(frozen_names(settings, params), params)
+    if frozen:
+        print(frozen)
     metrics = fit(params, cfg, settings, train_loader, test_loader, out, backend=args.backend, resume=run["resume"],
                   stop_after=args.stop_after, progress=not args.no_progress, model=run["model"], data=data_info)
     if metrics and metrics[-1]["epoch"] == settings.epochs:

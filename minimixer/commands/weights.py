@@ -44,6 +44,7 @@ def main(argv=None):
                    help="the input size, for a patch grid that is not square")
     c.add_argument("--ln-eps", type=float, help="record this LayerNorm eps (default: the source's; 1e-6 for timm)")
     c.add_argument("--gelu", choices=["erf", "tanh"], help="record this GELU (default: the source's; erf for timm)")
+    c.add_argument("--use-ema", action="store_true", help="a timm training checkpoint's EMA weights (state_dict_ema)")
     c.add_argument("--preprocessing", choices=list(PREPROCESSING),
                    help="record this input pipeline (default: the source's own; none for timm files)")
     r = sub.add_parser("resize", help="a Mixer for another image size: new token MLPs from the pretrained ones "
@@ -73,7 +74,7 @@ def main(argv=None):
             return 0
         if args.command == "convert":
             ck, cfg = convert(args.src, args.out, like=like, preprocessing=args.preprocessing,
-                              img_size=img_size, ln_eps=args.ln_eps, gelu=args.gelu)
+                              img_size=img_size, ln_eps=args.ln_eps, gelu=args.gelu, use_ema=args.use_ema)
             print(f"{args.out}: {describe(cfg)} from {ck.source} ({ck.format}); "
                   f"ln_eps {cfg.ln_eps:g}, gelu {cfg.gelu}, preprocessing {args.preprocessing or ck.preprocessing}")
             return 0

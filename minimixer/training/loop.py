@@ -26,6 +26,7 @@ from ..backend import get_xp, to_backend, to_numpy
 from ..config import MixerConfig, param_shapes
 from ..layers import softmax_cross_entropy
 from .metrics import count_correct
+from .transfer import frozen_names, spec_problem
 from ..runtime import distributed
 from ..runtime.threads import parallel_map, pool_for
 from .. import fast
@@ -33,6 +34,7 @@ from ..fast import AdamW  # optim.AdamW, each update one fused pass where Numba 
 from ..optim import SCHEDULES, SGD, bias_and_norm, clip_grad_norm, lr_at
 from ..checkpoints.safetensors_io import (atomic_target, atomic_write_bytes, check_state_dict, read_safetensors,
                                          remove_orphans, save_weights)
+from ..checkpoints.convert import trained_metadata
 
 CHECKPOINT_FORMAT = "minimixer-checkpoint-2"  # 2: sha256 of the whole file, model name, data fingerprint
 OLD_FORMATS = ("minimixer-checkpoint-1",)  # still read: no checksum, no model name or data fingerprint
@@ -62,7 +64,10 @@ SETTING_RULES = {
     "dropout": (float, _between(0, 1), "must be in [0, 1)"),
     "clip_grad": (float, _between(0, math.inf), "must be a finite number >= 0"),
     "seed": (int, lambda v: v >= 0, "must be >= 0"),
+    "freeze": (str, lambda v: spec_problem("freeze", v) is None, "must be parts like trunk, or stem,blocks.0-5"),
+    "train_blocks": (str, lambda v: spec_problem("train_blocks", v) is None, "must be blocks like 6-7, or 0,6-7"),
 }
+OPTIONAL_SETTINGS = ("freeze", "train_blocks")  # newer than some checkpoints: absent means the default
 
 
 def setting_problem(name, value):
@@ -91,6 +96,8 @@ class TrainSettings:
     dropout: float = 0.0  # before the head (timm's drop_rate)
     clip_grad: float = 1.0  # global gradient norm; 0 turns clipping off
     seed: int = 0
+    freeze: str = ""  # parameters left out of the optimizer (training/transfer.py): "trunk", "stem,blocks.0-5"
+    train_blocks: str = ""  # train only these blocks (with the final norm and head): "6-7"
 
     def __post_init__(self):
         problems = [f"{f.name} {p}" for f in fields(self) if (p := setting_problem(f.name, getattr(self, f.name)))]
@@ -112,6 +119,10 @@ class Diverged(ValueError):
 
 
 def make_optimizer(params, s):
+    """The optimizer over the parameters that train: frozen ones (s.freeze, s.train_blocks) get
+    no update, no weight decay and no state."""
+    frozen = frozen_names(s, params)
+    params = {k: v for k, v in params.items() if k not in frozen} if frozen else params
     if s.optimizer == "adamw":
         return AdamW(params, lr=s.lr, weight_decay=s.weight_decay, no_decay=bias_and_norm)
     if s.optimizer == "sgd":
@@ -135,6 +146,8 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
         grads, _ = fast.backward(dlogits, cache)
     else:  # more ranks than rows in this batch
         loss, grads = 0.0, {k: get_xp(v).zeros_like(v) for k, v in params.items()}
+    if len(opt.params) < len(grads):  # frozen params: out of the reduction and the clipping norm
+        grads = {k: grads[k] for k in opt.params}
     loss = distributed.allreduce_mean(grads, loss, len(y), total)  # the global batch's mean loss and gradients
     if clip_grad:
         clip_grad_norm(grads, clip_grad, run=parallel_map)
@@ -287,7 +300,7 @@ def _parse_metadata(path, meta):
 
     def dataclass_entry(key, cls):
         value, known = entry(key, dict), {f.name for f in fields(cls)}
-        unknown, missing = sorted(set(value) - known), sorted(known - set(value))
+        unknown, missing = sorted(set(value) - known), sorted(known - set(value) - set(OPTIONAL_SETTINGS))
         if unknown or missing:
             raise bad(f"metadata '{key}' " + (f"has unknown field(s) {unknown}" if unknown else f"lacks {missing}"))
         try:
@@ -335,11 +348,15 @@ def _check_tensors(path, tensors, cfg, settings, step):
             name, _, key = k[len("opt/"):].rpartition("/")
             opt_state.setdefault(name, {})[key] = v
     keys = OPTIMIZERS[settings.optimizer]
+    try:
+        frozen = frozen_names(settings, shapes)  # these have no optimizer state
+    except ValueError as e:
+        raise bad(f"settings: {e}") from None
     if set(opt_state) - set(params):
         raise bad(f"optimizer state for unknown parameter {sorted(set(opt_state) - set(params))[0]!r}")
-    missing = [f"{n}/{k}" for n in shapes for k in keys if k not in opt_state.get(n, {})]
+    missing = [f"{n}/{k}" for n in shapes if n not in frozen for k in keys if k not in opt_state.get(n, {})]
     if step > 0 and missing:
-        raise bad(f"optimizer state is missing for {len(missing)} of {len(params) * len(keys)} entries "
+        raise bad(f"optimizer state is missing for {len(missing)} of {(len(params) - len(frozen)) * len(keys)} entries "
                   f"(first: {missing[0]}); it cannot be resumed exactly")
     for name, state in opt_state.items():
         for key, v in state.items():
@@ -481,7 +498,8 @@ def fit(params, cfg, settings, train_loader, test_loader, out_dir, *, backend="n
             f"top-5 {row['test_top5']:.2f}%  {row['train_img_per_s']:.0f} img/s")
         if root:
             write_metrics(out_dir, metrics)
-            save_weights(params, os.path.join(out_dir, "model.safetensors"))
+            save_weights(params, os.path.join(out_dir, "model.safetensors"),
+                         metadata=trained_metadata(cfg, model, data))  # its numerics, input, classes
         checkpoint()
 
     def stop_here(stop):
