@@ -58,6 +58,9 @@ def main():
         shutil.rmtree(SOURCE)
     (SOURCE / "walkthrough").mkdir(parents=True)
     shutil.copy(ROOT / "docs" / "walkthrough.md", SOURCE / "index.md")
+    shutil.copy(ROOT / "docs" / "site.css", SOURCE / "site.css")
+    import jupyter_server_mathjax  # MathJax 2.7 from PyPI: the pages typeset their math offline too
+    shutil.copytree(Path(jupyter_server_mathjax.__file__).parent / "static", SOURCE / "assets" / "mathjax")
     paths = notebook_paths()
     problems = []
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -137,8 +137,9 @@ print(f"block 0: β = {beta:.2f}, |β·W₀| = {np.linalg.norm(beta * W0[0]):.1f
 # trained weights W, the change W − W₀, and R = W − β·W₀, what training added.
 #
 # **What to see.** In W and R the units on the left are smooth blobs and stripes over the 8×8
-# grid, and they get finer towards the right; each partner is roughly its unit's negative (red where
-# the other is blue). W − W₀ is speckled: it still holds the initialization that weight decay removed.
+# grid, and they get finer towards the right. Partners lean opposite (red where the other is blue),
+# though far from exact negatives: the printed mean correlation within the pairs says how far.
+# W − W₀ is speckled: it still holds the initialization that weight decay removed.
 
 # %%
 def draw_units(subfig, W, grid, pairs, title, lim):
@@ -178,6 +179,7 @@ fig5_figure([(W, "block 0, trained weights W (pairs sorted by spectral centroid:
 W1 = natural["blocks.1.mlp_tokens.fc1.weight"]
 fig5_figure([(W1, "block 1, trained weights W")], (8, 8), fig5.paired_order(W1))
 
+# %% [markdown]
 # ## The paper's control: pixels shuffled by one fixed permutation
 # The second shipped model trained the same way on images whose 64 pixels were all shuffled by
 # one fixed permutation (after the shift). Notebook 3 showed why Mixer cannot tell the difference:

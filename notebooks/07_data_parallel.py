@@ -199,8 +199,8 @@ for name in ("mixer_s32_224", "mixer_b16_224", "mixer_l16_224"):
     print(f"{name:14s} {n:12,d} {4 * n / 1e6:8.1f} MB " + " ".join(f"{t * 1e3:5.0f} ms" for t in times))
 
 # %% [markdown]
-# On CPUs a step takes seconds (an S/32 step on 16 images took 1–5 s per rank on the shared
-# 2-core test machine), so 15 ms of allreduce is about 1%. On GPUs a step can take tens of
+# On CPUs a step takes seconds (an S/32 step on 16 images takes a few seconds per rank on two
+# cores), so 15 ms of allreduce is about 1%. On GPUs a step can take tens of
 # milliseconds and the allreduce is no longer negligible: large jobs overlap it with the backward
 # pass (start sending a block's gradients as soon as they are ready), which minimixer does not do.
 #

@@ -112,6 +112,14 @@ def test_strip_notebook_takes_out_regions_lines_and_answers():
             strip_notebook(bad)
 
 
+def test_release_without_jupytext_says_which_extra(monkeypatch):
+    from minimixer.commands.cli import UserError
+    from minimixer.coursework.release import as_ipynb
+    monkeypatch.setitem(sys.modules, "jupytext", None)  # as if not installed
+    with pytest.raises(UserError, match=r"notebooks\]"):
+        as_ipynb("# %%\nprint(1)\n")
+
+
 def solution_texts(text):
     """The answers in a notebook: each solution region's code, each solution line's value, each answer."""
     found = re.findall(rf"{re.escape(BEGIN)}\n(.*?)\n\s*{re.escape(END)}", text, re.S)
