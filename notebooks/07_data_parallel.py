@@ -22,6 +22,7 @@ import course
 
 course.setup()
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import minimixer as mm
 from minimixer import fast
@@ -30,6 +31,7 @@ from minimixer.data import digits_split
 from minimixer.layers import softmax_cross_entropy
 from minimixer.optim import AdamW, clip_grad_norm
 
+threadpool_limits(1)  # the digits model's matrices are small: one BLAS thread runs them fastest
 cfg = mm.get_config("mixer_digits")
 rng = np.random.default_rng(0)  # timm's init zeroes the head, and with it every other gradient: perturb
 params0 = {k: v + 0.02 * rng.standard_normal(v.shape) for k, v in mm.init_params(cfg, seed=0, dtype="float64").items()}
