@@ -134,7 +134,7 @@ print(f"block 0: β = {beta:.2f}, |β·W₀| = {np.linalg.norm(beta * W0[0]):.1f
 # %% [markdown]
 # The paper's presentation: units sorted by the centroid of their spatial spectrum (smooth units
 # first, checkerboard-like last), each shown with its most anti-correlated partner. Below, each
-# column is a pair (a unit above its partner), and every tile shares **one symmetric colour scale**:
+# pair is a unit above its partner (16 pairs, in rows of 8), and every tile shares **one symmetric colour scale**:
 # blue negative, white zero, red positive. The three panels show the same 32 units of block 0: the
 # trained weights W, the change W − W₀, and R = W − β·W₀, what training added.
 #
@@ -144,26 +144,30 @@ print(f"block 0: β = {beta:.2f}, |β·W₀| = {np.linalg.norm(beta * W0[0]):.1f
 # W − W₀ is speckled: it still holds the initialization that weight decay removed.
 
 # %%
-def draw_units(subfig, W, grid, pairs, title, lim):
-    """One column per pair: a unit (top) over its most anti-correlated partner (bottom), on ±lim."""
-    axes = subfig.subplots(2, len(pairs), gridspec_kw=dict(wspace=0.06, hspace=0.06))
+def draw_units(subfig, W, grid, pairs, title, lim, cols=8):
+    """Pairs in rows of `cols`: each pair a unit (top) over its most anti-correlated partner (bottom)."""
+    rows = -(-len(pairs) // cols)
+    ratios = [1, 1, 0.3] * rows  # a thin empty row between the rows of pairs
+    axes = subfig.subplots(3 * rows, cols, gridspec_kw=dict(height_ratios=ratios[:-1] + [0.01], wspace=0.08, hspace=0.08))
+    for ax in axes.flat:
+        ax.axis("off")
     for k, (u, v, _) in enumerate(pairs):
-        for ax, unit in ((axes[0, k], u), (axes[1, k], v)):
+        r, c = divmod(k, cols)
+        for ax, unit in ((axes[3 * r, c], u), (axes[3 * r + 1, c], v)):
             im = ax.imshow(W[unit].reshape(grid), cmap="RdBu_r", vmin=-lim, vmax=lim)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    subfig.suptitle(title, fontsize=10)
+    subfig.suptitle(title, fontsize=12)
     return im
 
 
-def fig5_figure(panels, grid, pairs, height=2.0):
+def fig5_figure(panels, grid, pairs, cols=8):
     """panels: [(W, title)], drawn on one shared symmetric scale with one colour bar."""
     lim = max(float(np.percentile(np.abs(W[[u for p_ in pairs for u in p_[:2]]]), 99)) for W, _ in panels)
-    fig = plt.figure(figsize=(13.5, height * len(panels)), layout="constrained")
-    left, right = fig.subfigures(1, 2, width_ratios=[40, 1])
-    for sub, (W, title) in zip(np.atleast_1d(left.subfigures(len(panels), 1, hspace=0.04)), panels):
-        im = draw_units(sub, W, grid, pairs, title, lim)
-    right.colorbar(im, cax=right.add_axes([0.05, 0.1, 0.35, 0.8]), label="weight (one scale for every tile)")
+    rows = -(-len(pairs) // cols)
+    fig = plt.figure(figsize=(8.5, (2.3 * rows + 0.5) * len(panels)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[30, 1])
+    for sub, (W, title) in zip(np.atleast_1d(left.subfigures(len(panels), 1, hspace=0.06)), panels):
+        im = draw_units(sub, W, grid, pairs, title, lim, cols)
+    right.colorbar(im, cax=right.add_axes([0.05, 0.1, 0.4, 0.8]), label="weight (one scale for every tile)")
     plt.show()
 
 
@@ -217,7 +221,7 @@ if real:
     Wb = mm.load_weights(real[0], b16)["blocks.0.mlp_tokens.fc1.weight"]  # (384, 196)
     print(f"B/16 block 0: neighbour correlation {fig5.neighbour_correlation(Wb, (14, 14)):.2f}")
     pb = fig5.paired_order(Wb, (14, 14))
-    fig5_figure([(Wb, "Mixer-B/16, block 0: the 16 smoothest pairs"), (Wb, "the next 16")], (14, 14), pb[:16])
+    fig5_figure([(Wb, "Mixer-B/16, block 0: the 16 smoothest pairs")], (14, 14), pb[:16])
 else:
     print("no B/16 weights in weights/: skipping its units (this is fine offline)")
 
