@@ -141,7 +141,7 @@ def test_edition_notebooks_hold_no_answers(edition):
     for path in NOTEBOOKS:
         text = path.read_text()
         answers = solution_texts(text)
-        assert answers or path.stem.startswith("0") and exercises(text), path.name
+        assert answers, f"{path.name}: no answer to take out"
         mine = (edition / "notebooks" / path.name).read_text()
         ipynb = json.loads((edition / "notebooks" / f"{path.stem}.ipynb").read_text())
         code = "\n".join("".join(c["source"]) for c in ipynb["cells"])
