@@ -52,6 +52,17 @@ def figures(nb):
                for o in cell.get("outputs", []))
 
 
+def page_problems(html, want):
+    """What is wrong with a rendered notebook page: fewer figures than `want`, or an error shown."""
+    problems = []
+    shown = len(re.findall(r'<img[^>]+src="data:image/png', html))
+    if shown < want:
+        problems.append(f"{shown} figures shown, {want} expected")
+    if "Traceback (most recent call last)" in html or "is not written yet" in html:
+        problems.append("shows an error")
+    return problems
+
+
 def main():
     import nbformat
     if SOURCE.exists():
@@ -80,12 +91,8 @@ def main():
         if not page.exists():
             problems.append(f"{page.relative_to(ROOT)}: missing")
             continue
-        html = page.read_text(encoding="utf-8")
-        shown = len(re.findall(r'<img[^>]+src="data:image/png', html))
-        if shown < FIGURES.get(path.stem, 0):
-            problems.append(f"{page.relative_to(ROOT)}: {shown} figures shown, {FIGURES[path.stem]} expected")
-        if "Traceback (most recent call last)" in html or 'class="jp-OutputArea-output" data-mime-type="application/vnd.jupyter.stderr"' in html and "Error" in html:
-            problems.append(f"{page.relative_to(ROOT)}: shows an error")
+        problems += [f"{page.relative_to(ROOT)}: {p}"
+                     for p in page_problems(page.read_text(encoding="utf-8"), FIGURES.get(path.stem, 0))]
     for p in problems:
         print(p, file=sys.stderr)
     if problems:

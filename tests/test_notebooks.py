@@ -30,7 +30,8 @@ def _site():
     return module
 
 
-FIGURES = _site().FIGURES
+SITE = _site()
+FIGURES = SITE.FIGURES
 
 
 def execute(path, cwd=None, env=None):
@@ -93,6 +94,13 @@ def test_notebook_executes_and_draws_its_figures(path):
     assert drawn >= FIGURES[path.stem], f"{path.name} drew {drawn} figures, its text promises {FIGURES[path.stem]}"
     assert "not answered yet" not in "".join(o.get("text", "") for o in outputs(nb))  # the answers are filled in
     assert seconds < 180  # CI budget per notebook; each takes well under a minute on an idle 2-core machine
+
+
+def test_site_check_catches_a_lost_figure_and_an_error():
+    img = '<img alt="No description has been provided for this image" src="data:image/png;base64,iVBO"/>'
+    assert SITE.page_problems(f"<p>text</p>{img}{img}", 2) == []
+    assert SITE.page_problems(f"<p>text</p>{img}", 2) == ["1 figures shown, 2 expected"]
+    assert SITE.page_problems(f"{img}<pre>Traceback (most recent call last):</pre>", 1) == ["shows an error"]
 
 
 # --- the markers ---------------------------------------------------------------------------------
