@@ -1,6 +1,9 @@
 # %% [markdown]
 # # 1. Patches and the stem
 #
+# **Needs:** assignment A1's `linear_forward` (the stem is a linear layer). In the student edition,
+# the first cell that reaches a function you have not written stops with one line that names it.
+#
 # MLP-Mixer first cuts an image into non-overlapping P×P patches and projects each patch, one
 # linear layer shared by all of them, to a D-dimensional token. timm writes this "stem" as a
 # `Conv2d(3, D, kernel_size=P, stride=P)`. minimixer writes it the way the paper says it:
@@ -24,6 +27,9 @@
 # In the code, `C` is the image's colour channels; the paper's C is our `D`.
 
 # %%
+import course
+
+course.setup()
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -101,35 +107,46 @@ print("unpatchify(patchify(x)) == x:", np.array_equal(layers.unpatchify(patches,
 
 # %% [markdown]
 # ## Exercises
-# Each exercise cell ships with one answer so that the notebook runs top to bottom in CI. Cover
-# it, write your own, and let the `assert` judge. The graded versions of the layers are in the
-# coursework (`python -m minimixer.coursework release --out hw/`, see minimixer/coursework/README.md).
+# Write the code where the cell says so; the `assert` at the end of the cell judges it. (In the full
+# package the answers are filled in; the student edition leaves them to you.) The graded layers are
+# the coursework: `python -m minimixer.coursework check`.
 #
 # **Exercise 1.1.** Write `patchify` with two loops over the patch grid (no reshapes across
 # patches). It must equal `layers.patchify` exactly, because it only moves numbers.
 
 # %%
-def patchify_loop(images, P):
-    B, C, H, W = images.shape
-    rows = []
-    for i in range(H // P):  # grid row
-        for j in range(W // P):  # grid column: row-major (h, w) token order
-            rows.append(images[:, :, P * i:P * (i + 1), P * j:P * (j + 1)].reshape(B, -1))  # (B, C·P·P)
-    return np.stack(rows, axis=1)  # (B, N, C·P·P)
+with course.exercise("1.1"):
+    def patchify_loop(images, P):
+        ### BEGIN SOLUTION
+        B, C, H, W = images.shape
+        rows = []
+        for i in range(H // P):  # grid row
+            for j in range(W // P):  # grid column: row-major (h, w) token order
+                rows.append(images[:, :, P * i:P * (i + 1), P * j:P * (j + 1)].reshape(B, -1))  # (B, C·P·P)
+        return np.stack(rows, axis=1)  # (B, N, C·P·P)
+        ### END SOLUTION
 
-
-assert np.array_equal(patchify_loop(x[None], 16), patches)
-print("patchify_loop == layers.patchify: exact")
+    assert np.array_equal(patchify_loop(x[None], 16), patches)
+    small = np.random.default_rng(1).standard_normal((2, 3, 12, 8))
+    assert np.array_equal(patchify_loop(small, 4), layers.patchify(small, 4))
+    print("patchify_loop == layers.patchify: exact")
 
 # %% [markdown]
-# **Exercise 1.2.** Without running the model: for Mixer-S/32 at 224 px, how many tokens are
-# there, how long is a flattened patch, and how many parameters does the stem have
-# (weight and bias)? Check your three numbers against the config.
+# **Exercise 1.2.** Without running the model, from the config's image size, patch size and width
+# alone: write `stem_numbers(cfg)` returning the number of tokens, the length of a flattened patch,
+# and the stem's parameter count (weight and bias). The cell checks it on four variants.
 
 # %%
-answer = (49, 3072, 512 * 3072 + 512)  # N = (224/32)², C·P·P = 3·32·32, D·C·P·P + D
-s32 = mm.get_config("mixer_s32_224")
-shapes = mm.param_shapes(s32)
-assert answer == (s32.num_patches, s32.in_chans * s32.patch_size**2,
-                  int(np.prod(shapes["stem.proj.weight"])) + shapes["stem.proj.bias"][0])
-print("S/32: N, C·P·P, stem parameters =", answer)
+with course.exercise("1.2"):
+    def stem_numbers(cfg):
+        ### BEGIN SOLUTION
+        (H, W), P, C, D = cfg.image_hw, cfg.patch_size, cfg.in_chans, cfg.embed_dim
+        return (H // P) * (W // P), C * P * P, D * C * P * P + D
+        ### END SOLUTION
+
+    for name in ("mixer_s32_224", "mixer_s16_224", "mixer_b16_224", "mixer_l16_224"):
+        c = mm.get_config(name)
+        shapes = mm.param_shapes(c)
+        assert stem_numbers(c) == (c.num_patches, c.in_chans * c.patch_size ** 2,
+                                   int(np.prod(shapes["stem.proj.weight"])) + shapes["stem.proj.bias"][0]), name
+        print(f"{name}: N, C·P·P, stem parameters = {stem_numbers(c)}")

@@ -1,12 +1,17 @@
 # %% [markdown]
 # # 2. LayerNorm and GELU: forward, backward, and gradient checks
 #
+# **Needs:** assignment A1 (`layernorm_forward/backward`, `gelu_forward/backward`).
+#
 # Every Mixer block uses both layers twice. Each one is a pair of functions:
 # `out, cache = name_forward(...)` and `dx, ... = name_backward(dout, cache)`. We check every
 # backward pass against central differences in float64, using a random upstream gradient and
 # non-trivial parameters. Expect relative errors of about 1e-10.
 
 # %%
+import course
+
+course.setup()
 import math
 
 import matplotlib.pyplot as plt
@@ -106,8 +111,10 @@ print(f"float32: max |minimixer erf - math.erf| = {err32.max():.1e} at x = {x32[
 #
 # `gelu_backward` is these two lines times `dout`. Three quick sanity values of the exact one:
 # GELU'(0) = Φ(0) = ½; GELU'(x) → 1 as x → +∞ and → 0 as x → −∞; and it overshoots 1 a little
-# (x·φ(x) > 0 for x > 0), which ReLU's step never does.
+# (x·φ(x) > 0 for x > 0), which ReLU's step never does. The figure shows GELU next to ReLU, and how
+# far the tanh form strays from the exact one:
 
+# %%
 xs = np.linspace(-5, 3, 801)
 exact = layers.gelu_forward(xs, "erf")[0]
 approx = layers.gelu_forward(xs, "tanh")[0]
@@ -134,13 +141,12 @@ for form in ("erf", "tanh"):
 # Expect about 1e-10 for both forms (central differences with h = 1e-5 in float64).
 #
 # ## Exercises
-# Each answer cell ships with one solution so the notebook runs in CI; cover it and write your own.
-# The graded versions (LayerNorm and GELU forward/backward, hidden test cases) are assignment A1 of
-# the coursework: `python -m minimixer.coursework release --out hw/`.
+# Write the code where the cell says so; the `assert` judges it. The graded versions of these layers
+# (hidden test cases) are assignment A1 of the coursework: `python -m minimixer.coursework check`.
 #
 # **Exercise 2.1.** Build the full D×D Jacobian ∂y/∂x of LayerNorm for one token from the
 # formula above (diag(w) times r(I − 1/D − x̂x̂ᵀ/D)), multiply by `dout`, and compare with
-# `layernorm_backward`. Expected: agreement to about 1e-15 (it is the same math, reordered).
+# `layernorm_backward`. How close should they be, and why?
 
 # %%
 D = 8
@@ -148,23 +154,34 @@ xt = rng.standard_normal(D) * 2 + 0.5
 wt, bt = 1 + 0.3 * rng.standard_normal(D), 0.3 * rng.standard_normal(D)
 gt = rng.standard_normal(D)
 yt, ct = layers.layernorm_forward(xt, wt, bt)
-r = 1.0 / np.sqrt(xt.var() + 1e-6)
-xhat = (xt - xt.mean()) * r
-J = wt[:, None] * r * (np.eye(D) - 1.0 / D - np.outer(xhat, xhat) / D)  # J[j, i] = dy_j / dx_i
-dx_jacobian = J.T @ gt
-dx_backward = layers.layernorm_backward(gt, ct)[0]
-err = np.abs(dx_jacobian - dx_backward).max()
-print(f"Jacobian-vector product vs layernorm_backward: max |Δ| = {err:.1e}")
-assert err < 1e-13
+with course.exercise("2.1"):
+    def layernorm_jacobian(x, w, eps=1e-6):
+        """J[j, i] = dy_j / dx_i for one token x (D,)."""
+        ### BEGIN SOLUTION
+        r = 1.0 / np.sqrt(x.var() + eps)
+        xhat = (x - x.mean()) * r
+        return w[:, None] * r * (np.eye(len(x)) - 1.0 / len(x) - np.outer(xhat, xhat) / len(x))
+        ### END SOLUTION
+
+    J = layernorm_jacobian(xt, wt)
+    err = np.abs(J.T @ gt - layers.layernorm_backward(gt, ct)[0]).max()
+    print(f"Jacobian-vector product vs layernorm_backward: max |Δ| = {err:.1e}")
+    assert J.shape == (D, D) and err < 1e-13
 
 # %% [markdown]
-# **Exercise 2.2.** Why does LayerNorm's dx sum to zero over the channels of each token? Answer
-# from the formula, then check it on the (2, 5, 8) batch above.
+# <!-- BEGIN ANSWER -->
+# *Answer:* to about 1e-15: it is the same math, reordered, so only rounding separates them.
+# <!-- END ANSWER -->
 #
+# **Exercise 2.2.** Why does LayerNorm's dx sum to zero over the channels of each token? Answer
+# from the formula (write it below), then check it on a (2, 5, 8) batch.
+#
+# <!-- BEGIN ANSWER -->
 # *Answer:* Σᵢ dxᵢ = r(Σg − D·ḡ − (Σx̂)·mean(g⊙x̂)) = r(0 − 0) = 0, because Σᵢ x̂ᵢ = 0. Said
 # differently: adding a constant c to every channel of x leaves y unchanged, so the directional
 # derivative along (1, …, 1) is zero. The same fact makes `mlp_tokens.fc2.bias`'s gradient zero
 # (notebook 4).
+# <!-- END ANSWER -->
 
 # %%
 x = rng.standard_normal((2, 5, 8)) * 3 + 1
@@ -174,17 +191,26 @@ print(f"max |Σ_channels dx| = {np.abs(dx.sum(-1)).max():.1e}  (against max |dx|
 assert np.abs(dx.sum(-1)).max() < 1e-12
 
 # %% [markdown]
-# **Exercise 2.3.** Using only the derivative formula: what is GELU'(0)? Where is GELU's
-# minimum (GELU'(x) = 0)? Check with `gelu_backward`. Expected: 0.5, and x ≈ −0.7518.
+# **Exercise 2.3.** GELU dips below zero before it rises. Find its minimum, the x where GELU'(x) = 0,
+# by bisection on `gelu_backward` (with `dout` = 1) between −2 and −0.1, to 1e-9. Before you run it:
+# what is GELU'(0), from the derivative formula?
 
 # %%
-g0 = float(layers.gelu_backward(np.ones(1), (np.zeros(1), "erf"))[0])
-lo, hi = -2.0, -0.1  # bisection on GELU'(x) = Φ(x) + x·φ(x), negative at -2 and positive at -0.1
-for _ in range(60):
-    mid = 0.5 * (lo + hi)
-    if layers.gelu_backward(np.ones(1), (np.array([mid]), "erf"))[0] < 0:
-        lo = mid
-    else:
-        hi = mid
-print(f"GELU'(0) = {g0}, minimum at x = {lo:.4f}, GELU there = {layers.gelu_forward(np.array([lo]))[0][0]:.4f}")
-assert g0 == 0.5 and abs(lo + 0.7518) < 1e-3
+with course.exercise("2.3"):
+    def gelu_minimum(lo=-2.0, hi=-0.1):
+        ### BEGIN SOLUTION
+        while hi - lo > 1e-10:  # GELU'(x) = Φ(x) + x·φ(x) is negative at -2 and positive at -0.1
+            mid = 0.5 * (lo + hi)
+            if layers.gelu_backward(np.ones(1), (np.array([mid]), "erf"))[0] < 0:
+                lo = mid
+            else:
+                hi = mid
+        return lo
+        ### END SOLUTION
+
+    xmin = gelu_minimum()
+    grid = np.linspace(-2, -0.1, 190001)
+    print(f"minimum at x = {xmin:.6f}, GELU there = {layers.gelu_forward(np.array([xmin]))[0][0]:.6f}")
+    assert abs(xmin - grid[layers.gelu_forward(grid)[0].argmin()]) < 2e-5
+    assert abs(layers.gelu_backward(np.ones(1), (np.array([xmin]), "erf"))[0]) < 1e-8
+    print("GELU'(0) =", float(layers.gelu_backward(np.ones(1), (np.zeros(1), "erf"))[0]))

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 3. Token mixing vs channel mixing, and the paper's ideas in code
 #
+# **Needs:** assignments A1 and A2 (the MLP, token and channel mixing, the block).
+#
 # A Mixer block has two MLPs, and each mixes along one axis of the (N tokens × D channels) table
 # (the paper's S × C; notebook 1 has the notation map):
 # - **token mixing** acts on each channel's column of N values. It is shared by all channels and
@@ -12,6 +14,9 @@
 # Each claim the paper makes about these two layers is checked below with numbers.
 
 # %%
+import course
+
+course.setup()
 import matplotlib.pyplot as plt
 import numpy as np
 
@@ -56,8 +61,7 @@ except ValueError:
 # ## Who influences whom?
 # Change one token and see which outputs move. The change must be a **random vector over the
 # channels**: adding the same constant to every channel of a token does nothing at all, because
-# the LayerNorm in front of both MLPs subtracts each token's mean. (An earlier version of this
-# notebook made exactly that mistake and plotted rounding noise; the first line below shows it.)
+# the LayerNorm in front of both MLPs subtracts each token's mean: the first line below shows it.
 # We count a token as changed when its output moves by more than 1e-9, far above rounding (1e-16)
 # and far below the real effect.
 
@@ -82,11 +86,13 @@ print(f"channel mixing: max |Δ| = {chan.max():.3f}, tokens changed: {changed_ch
 assert tok.max() > 1e-3 and chan.max() > 1e-3 and changed_chan == 1 and changed_tok == N
 
 fig, axes = plt.subplots(1, 2, figsize=(9, 4))
+row, col = divmod(20, cfg.grid_size[1])  # where token 20 sits on the 7×7 grid
 for ax, m, title in [(axes[0], tok, "token mixing"), (axes[1], chan, "channel mixing")]:
     im = ax.imshow(m.max(1).reshape(cfg.grid_size), cmap="viridis")
-    ax.set_title(f"{title}: max |Δ output| per token\nafter a random change to token 20")
+    ax.add_patch(plt.Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", lw=2))
+    ax.set_title(f"{title}: max |Δ output| per token\n(red box: token 20, the one changed)")
     ax.axis("off")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="max |Δ output|")
 plt.tight_layout()
 plt.show()
 
@@ -124,6 +130,7 @@ lim = np.abs(W1).max()
 plt.figure(figsize=(9, 2.6))
 plt.imshow(J[:4 * DS, :4 * N], cmap="RdBu_r", vmin=-lim, vmax=lim)
 plt.title("the Jacobian's first 4 channels: 4 identical (DS × N) blocks on the diagonal, zeros elsewhere")
+plt.colorbar(label="∂ out / ∂ in (white: 0)", shrink=0.9)
 plt.axis("off")
 plt.show()
 
@@ -232,8 +239,8 @@ for px in (224, 384, 448):
 # %% [markdown]
 # Going from 224 to 448 px multiplies N by 4: the token MLP's cost by 4 (×2.9 from 224 to 384),
 # attention's N² terms by 16. At 224 px attention's mixing is the cheaper of the two; the curves
-# cross where 2·N·DS·D = 2·N²·D, at N = DS = 384 tokens (≈ 313 px for P = 16). In practice the
-# channel MLP dominates both.
+# cross where 2·N·DS·D = 2·N²·D, at N = DS = 384 tokens; attention costs more from N = 385 on, a
+# side of about 314 px for P = 16 (exercise 3.2). In practice the channel MLP dominates both.
 #
 # ## Higher resolution: the token MLP is tied to N
 # Since `fc1.weight` is (DS, N), a new resolution needs a new token MLP. The paper's Appendix C
@@ -244,41 +251,64 @@ for px in (224, 384, 448):
 
 # %% [markdown]
 # ## Exercises
-# Each answer cell ships with one solution so that the notebook runs in CI; cover it and write
-# your own. The graded versions (token and channel mixing forward/backward, the block) are
-# assignment A2 of the coursework: `python -m minimixer.coursework release --out hw/`.
+# Write the code where the cell says so; the `assert` judges it. The graded versions (token and
+# channel mixing forward/backward, the block) are assignment A2: `python -m minimixer.coursework check`.
 #
 # **Exercise 3.1.** *Untie* the token MLP: give every channel its own fc1 and fc2 (a depthwise
-# convolution without the sharing). How many token-mixing parameters would Mixer-B/16 have per
-# block, against the shared version? Expected: 116,050,944 against 151,108 (D = 768 times more).
+# convolution without the sharing). Write `token_mlp_params(cfg, tied)`: the token-mixing parameters
+# of one block, shared (`tied=True`) or untied. Then compare the two for Mixer-B/16.
 
 # %%
-b16 = mm.get_config("mixer_b16_224")
-Nb, Db, DSb = b16.num_patches, b16.embed_dim, b16.token_hidden
-shared = DSb * Nb + DSb + Nb * DSb + Nb  # fc1 weight, fc1 bias, fc2 weight, fc2 bias
-untied = Db * shared
-shapes = mm.param_shapes(b16)
-assert shared == sum(int(np.prod(shapes[f"blocks.0.mlp_tokens.{k}"])) for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"))
-print(f"B/16 token MLP per block: shared {shared:,}, untied {untied:,}")
-assert (shared, untied) == (151_108, 116_050_944)
+with course.exercise("3.1"):
+    def token_mlp_params(cfg, tied=True):
+        ### BEGIN SOLUTION
+        N, DS = cfg.num_patches, cfg.token_hidden
+        shared = DS * N + DS + N * DS + N  # fc1 weight, fc1 bias, fc2 weight, fc2 bias
+        return shared if tied else cfg.embed_dim * shared
+        ### END SOLUTION
+
+    for name in ("mixer_s32_224", "mixer_b16_224", "mixer_l16_224"):
+        c = mm.get_config(name)
+        shapes = mm.param_shapes(c)
+        assert token_mlp_params(c) == sum(int(np.prod(shapes[f"blocks.0.mlp_tokens.{k}"]))
+                                          for k in ("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias")), name
+        assert token_mlp_params(c, tied=False) == c.embed_dim * token_mlp_params(c), name
+    b16 = mm.get_config("mixer_b16_224")
+    print(f"B/16 token MLP per block: shared {token_mlp_params(b16):,}, untied {token_mlp_params(b16, False):,}")
 
 # %% [markdown]
-# **Exercise 3.2.** At what image side does attention's token mixing (2·N²·D) start to cost more
-# than the token MLP's (2·N·DS·D) for B/16? Expected: from N = 385 tokens on (N > DS = 384), a side of
-# about √385·16 ≈ 314 px.
+# **Exercise 3.2.** At what number of tokens, and what image side, does attention's token mixing
+# (2·N²·D) start to cost more than the token MLP's (2·N·DS·D) for B/16? Write
+# `first_costlier(D, DS)`, the smallest N where attention costs more, by counting MACs (not by algebra).
 
 # %%
-N_values = np.arange(1, 2000)
-first = N_values[2 * N_values**2 * 768 > 2 * N_values * 384 * 768][0]
-print("attention costs more from N =", first, "tokens, a side of", round(float(np.sqrt(first) * 16)), "px")
-assert first == 385
+with course.exercise("3.2"):
+    def first_costlier(D, DS):
+        ### BEGIN SOLUTION
+        N = np.arange(1, 100 * DS)
+        return int(N[2 * N ** 2 * D > 2 * N * DS * D][0])
+        ### END SOLUTION
+
+    for D_, DS_ in ((768, 384), (512, 256), (1024, 512), (10, 3)):
+        n = first_costlier(D_, DS_)
+        assert 2 * n * n * D_ > 2 * n * DS_ * D_ and 2 * (n - 1) ** 2 * D_ <= 2 * (n - 1) * DS_ * D_, (D_, DS_)
+    n = first_costlier(768, 384)
+    print(f"B/16: attention costs more from N = {n} tokens, a side of about {np.sqrt(n) * 16:.0f} px")
 
 # %% [markdown]
 # **Exercise 3.3.** Repeat the permutation test with a *different* permutation for the patches
-# and the weights. Expected: the logits change by about as much as with no weight permutation.
+# and for the weights. Predict first: do the logits come back?
+#
+# <!-- BEGIN ANSWER -->
+# *Answer:* no: they change by about as much as with no weight permutation at all, because each
+# token now meets another token's weights.
+# <!-- END ANSWER -->
 
 # %%
-other_perm = rng.permutation(small.num_patches)
-wrong = mm.mixer_forward(permute_token_mlps(net, other_perm), permute_patches(img, perm), small)[0]
-print(f"mismatched permutations: max |Δ logits| = {np.abs(wrong - logits).max():.2e}")
-assert np.abs(wrong - logits).max() > 1e-3
+with course.exercise("3.3"):
+    ### BEGIN SOLUTION
+    other_perm = rng.permutation(small.num_patches)
+    wrong = mm.mixer_forward(permute_token_mlps(net, other_perm), permute_patches(img, perm), small)[0]
+    ### END SOLUTION
+    print(f"mismatched permutations: max |Δ logits| = {np.abs(wrong - logits).max():.2e}")
+    assert not np.array_equal(other_perm, perm) and np.abs(wrong - logits).max() > 1e-3

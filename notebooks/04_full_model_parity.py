@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 4. The whole model: block, head, loss, optimizer, and exact parity with timm
 #
+# **Needs:** assignments A1, A2 and A3 (the loss and AdamW).
+#
 # Notebooks 2 and 3 built the layers. This one assembles them, in two parts.
 #
 # **Part A** (no torch needed) walks through `model.py` on a tiny config in float64: the block
@@ -12,6 +14,9 @@
 # against the reference outputs and gradients timm wrote into `tests/fixtures/`.
 
 # %%
+import course
+
+course.setup()
 import json
 import tempfile
 import time
@@ -186,19 +191,21 @@ assert errors[worst] < 1e-7
 
 # %% [markdown]
 # ## Exercises
-# Answer cells ship with one solution so the notebook runs in CI. The graded versions
-# (softmax cross-entropy with hard and soft labels and label smoothing, `AdamW.update`) are
-# assignment A3 of the coursework: `python -m minimixer.coursework release --out hw/`.
+# Write the code where the cell says so; the `assert` judges it. The graded versions (softmax
+# cross-entropy with hard and soft labels and label smoothing, `AdamW.update`) are assignment A3.
 #
 # **Exercise 4.1.** `blocks.*.mlp_tokens.fc2.bias` has a zero gradient in exact arithmetic; in
 # float32 its gradient is rounding noise, about 1e-9 against ~1e-2 for the others. Yet under AdamW
 # (no weight decay on biases) it moves by a sizeable fraction of the learning rate at every step.
-# Why? Measure the step of that bias and of `head.bias` after one AdamW step on a float32 model.
+# Why? The cell below measures the step of that bias and of `head.bias` after one AdamW step on a
+# float32 model; explain what it shows.
 #
+# <!-- BEGIN ANSWER -->
 # *Answer:* Adam divides the gradient by its own running RMS, √v̂. A noise-level gradient of size
 # 1e-9 divided by an RMS of about 1e-9 is an O(1) step, damped only where ε = 1e-8 dominates √v̂.
 # So the bias wanders by up to lr per step in a random direction, while changing nothing: the
 # LayerNorm after it removes it. SGD would leave it where it is.
+# <!-- END ANSWER -->
 
 # %%
 net32 = {k: v.astype(np.float32) for k, v in net.items()}
@@ -214,19 +221,30 @@ noise_step = np.abs(net32["blocks.0.mlp_tokens.fc2.bias"] - before["blocks.0.mlp
 assert np.abs(g32["blocks.0.mlp_tokens.fc2.bias"]).max() < 1e-5 * np.abs(g32["head.bias"]).max() and noise_step > 0.01
 
 # %% [markdown]
-# **Exercise 4.2.** A fresh model's loss is ln K exactly. What is it for Mixer-B/16 on
-# ImageNet-1k, and what would it be with the in21k head (21,843 classes)? Expected: 6.9078 and 9.9916.
+# **Exercise 4.2.** A fresh model's loss does not depend on the images. Write `fresh_loss(K)`, the loss
+# of a freshly initialized model with K classes, from first principles (no model); the cell compares it
+# with real fresh models. Then: what is it for Mixer-B/16 on ImageNet-1k, and with the in21k head
+# (21,843 classes)?
 
 # %%
-print(f"ln 1000 = {np.log(1000):.4f}, ln 21843 = {np.log(21843):.4f}")
-assert round(np.log(1000), 4) == 6.9078 and round(np.log(21843), 4) == 9.9916
+with course.exercise("4.2"):
+    def fresh_loss(K):
+        ### BEGIN SOLUTION
+        return float(np.log(K))  # zero head: all logits 0, a uniform prediction
+        ### END SOLUTION
 
-# %% [markdown]
+    for K in (2, 5, 37):
+        c = mm.MixerConfig(num_classes=K, img_size=(6, 8), in_chans=2, patch_size=2, num_blocks=1, embed_dim=6)
+        lg = mm.mixer_forward(mm.init_params(c, seed=K, dtype="float64"), rng.standard_normal((3, 2, 6, 8)), c)[0]
+        assert abs(mm.softmax_cross_entropy(lg, np.arange(3) % K)[0] - fresh_loss(K)) < 1e-12, K
+    print(f"B/16 on ImageNet-1k: {fresh_loss(1000):.4f}; with the in21k head: {fresh_loss(21843):.4f}")
+
 # # Part B: exact parity with timm
 # `mixer_forward` is the paper's pipeline: the stem, the blocks (12 for B/16), the final
 # LayerNorm, the mean over tokens, and the head. Below, timm's `MlpMixer` and minimixer load the
 # same safetensors file and run the same input, and we compare:
-# - float32 logits of the full-size Mixer-B/16, on deterministic, non-trivial weights. timm
+# - float32 logits of the full-size Mixer-B/16 (S/32 in the student edition, whose clear path is
+#   slower), on deterministic, non-trivial weights. timm
 #   initializes the head, the stem bias and the LayerNorm biases to zero, the LayerNorm weights to
 #   one, and the block MLP biases to N(0, 1e-6²) noise (as `params.py` does): paths that barely
 #   carry signal at init, so the weights are perturbed first;
@@ -265,9 +283,10 @@ def perturbed_timm(name_or_model, seed=0):
 
 
 if HAVE_TIMM:
-    cfg = mm.get_config("mixer_b16_224")
-    model = perturbed_timm("mixer_b16_224")
-    path = Path(tempfile.mkdtemp()) / "b16.safetensors"
+    variant = "mixer_s32_224" if getattr(mm.fast, "STUDENT_EDITION", False) else "mixer_b16_224"
+    cfg = mm.get_config(variant)
+    model = perturbed_timm(variant)
+    path = Path(tempfile.mkdtemp()) / f"{variant}.safetensors"
     save_file(model.state_dict(), str(path))
     params = mm.load_weights(path, cfg)  # a flat dict keyed by timm's own names
     x = np.random.default_rng(0).standard_normal((2, 3, 224, 224)).astype(np.float32)
@@ -278,7 +297,7 @@ if HAVE_TIMM:
     with torch.inference_mode():
         ref = model(torch.from_numpy(x)).numpy()
     t2 = time.perf_counter()
-    print(f"B/16 logits: max|Δ| / max|logit| = {np.abs(ours - ref).max() / np.abs(ref).max():.2e}")
+    print(f"{variant} logits: max|Δ| / max|logit| = {np.abs(ours - ref).max() / np.abs(ref).max():.2e}")
     print(f"model.py forward: max|Δ| / max|logit| = {np.abs(clear - ref).max() / np.abs(ref).max():.2e}")
     print("top-5 identical:", np.array_equal(np.argsort(-ours)[:, :5], np.argsort(-ref)[:, :5]))
     print(f"time for 2 images: minimixer {t1 - t0:.2f} s, timm {t2 - t1:.2f} s")

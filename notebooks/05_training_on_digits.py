@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 5. Training a Mixer on the digits
 #
+# **Needs:** assignments A1, A2 and A3 (training runs your backward passes and your AdamW).
+#
 # The hand-written backward passes exist so that we can train. This notebook trains a small Mixer on
 # the 8×8 handwritten digits bundled with minimixer, with AdamW, warmup and cosine decay, and
 # gradient clipping. The trainer is the same code that `python -m minimixer.train` runs. The model
@@ -12,6 +14,9 @@
 # `notebooks/fig5_digits.py`, and compares them honestly with their initialization.
 
 # %%
+import course
+
+course.setup()
 import sys
 import tempfile
 import time
@@ -19,8 +24,10 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import minimixer as mm
+from minimixer import fast
 from minimixer.checkpoints.registry import BUNDLED_DIGITS
 from minimixer.data import ArrayLoader, digits_split
 from minimixer.training.loop import TrainSettings, evaluate, fit
@@ -39,12 +46,15 @@ plt.show()
 
 # %%
 cfg = mm.get_config("mixer_digits")
-settings = TrainSettings(epochs=8, batch_size=64, lr=2e-3, warmup=1.0, weight_decay=0.05, clip_grad=1.0, seed=0)
+# the student edition runs the clear path (model.py), about 6 times slower than the full package's fast path
+epochs = 3 if getattr(fast, "STUDENT_EDITION", False) else 8
+settings = TrainSettings(epochs=epochs, batch_size=64, lr=2e-3, warmup=1.0, weight_decay=0.05, clip_grad=1.0, seed=0)
 params = mm.init_params(cfg, seed=0)
 out = tempfile.mkdtemp()
 t0 = time.perf_counter()
-metrics = fit(params, cfg, settings, ArrayLoader(x_train, y_train, 64, shuffle=True, seed=0),
-              ArrayLoader(x_test, y_test, 256), out, progress=False, log=lambda s: None)
+with threadpool_limits(1):  # matrices this small run fastest on one BLAS thread
+    metrics = fit(params, cfg, settings, ArrayLoader(x_train, y_train, 64, shuffle=True, seed=0),
+                  ArrayLoader(x_test, y_test, 256), out, progress=False, log=lambda s: None)
 print(f"{settings.epochs} epochs in {time.perf_counter() - t0:.1f} s; final test top-1 {metrics[-1]['test_top1']:.2f}%")
 
 # %%
@@ -123,32 +133,49 @@ print(f"block 0: β = {beta:.2f}, |β·W₀| = {np.linalg.norm(beta * W0[0]):.1f
 
 # %% [markdown]
 # The paper's presentation: units sorted by the centroid of their spatial spectrum (smooth units
-# first, checkerboard-like last), each followed by its most anti-correlated partner, each drawn
-# on a symmetric colour scale (blue negative, red positive, white zero). For block 0 the rows are
-# W, then W − W₀ and R = W − β·W₀ for the same units: if the structure were the initialization,
-# R would be noise.
+# first, checkerboard-like last), each shown with its most anti-correlated partner. Below, each
+# pair is a unit above its partner (16 pairs, in rows of 8), and every tile shares **one symmetric colour scale**:
+# blue negative, white zero, red positive. The three panels show the same 32 units of block 0: the
+# trained weights W, the change W − W₀, and R = W − β·W₀, what training added.
+#
+# **What to see.** In W and R the units on the left are smooth blobs and stripes over the 8×8
+# grid, and they get finer towards the right. Partners lean opposite (red where the other is blue),
+# though far from exact negatives: the printed mean correlation within the pairs says how far.
+# W − W₀ is speckled: it still holds the initialization that weight decay removed.
 
 # %%
-def draw_units(axes, W, grid, pairs):
-    for (u, v, _), (ax1, ax2) in zip(pairs, axes.reshape(-1, 2)):
-        for ax, unit in ((ax1, u), (ax2, v)):
-            m = W[unit].reshape(grid)
-            lim = np.abs(m).max()
-            ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim)
-            ax.set_xticks([])
-            ax.set_yticks([])
+def draw_units(subfig, W, grid, pairs, title, lim, cols=8):
+    """Pairs in rows of `cols`: each pair a unit (top) over its most anti-correlated partner (bottom)."""
+    rows = -(-len(pairs) // cols)
+    ratios = [1, 1, 0.3] * rows  # a thin empty row between the rows of pairs
+    axes = subfig.subplots(3 * rows, cols, gridspec_kw=dict(height_ratios=ratios[:-1] + [0.01], wspace=0.08, hspace=0.08))
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (u, v, _) in enumerate(pairs):
+        r, c = divmod(k, cols)
+        for ax, unit in ((axes[3 * r, c], u), (axes[3 * r + 1, c], v)):
+            im = ax.imshow(W[unit].reshape(grid), cmap="RdBu_r", vmin=-lim, vmax=lim)
+    subfig.suptitle(title, fontsize=12)
+    return im
+
+
+def fig5_figure(panels, grid, pairs, cols=8):
+    """panels: [(W, title)], drawn on one shared symmetric scale with one colour bar."""
+    lim = max(float(np.percentile(np.abs(W[[u for p_ in pairs for u in p_[:2]]]), 99)) for W, _ in panels)
+    rows = -(-len(pairs) // cols)
+    fig = plt.figure(figsize=(8.5, (2.3 * rows + 0.5) * len(panels)), layout="constrained")
+    left, right = fig.subfigures(1, 2, width_ratios=[30, 1])
+    for sub, (W, title) in zip(np.atleast_1d(left.subfigures(len(panels), 1, hspace=0.06)), panels):
+        im = draw_units(sub, W, grid, pairs, title, lim, cols)
+    right.colorbar(im, cax=right.add_axes([0.05, 0.1, 0.4, 0.8]), label="weight (one scale for every tile)")
+    plt.show()
 
 
 pairs = fig5.paired_order(W)
 print("mean correlation within the pairs:", round(float(np.mean([c for _, _, c in pairs])), 2))
-fig, axes = plt.subplots(6, 16, figsize=(13, 5.4))
-draw_units(axes[:2], W, (8, 8), pairs)
-draw_units(axes[2:4], W - W0[0], (8, 8), pairs)
-draw_units(axes[4:], R, (8, 8), pairs)
-axes[0, 0].set_title("block 0: W (pairs, sorted by spectral centroid)", loc="left", fontsize=9)
-axes[2, 0].set_title("block 0: W − W₀, same units", loc="left", fontsize=9)
-axes[4, 0].set_title("block 0: R = W − β·W₀, same units", loc="left", fontsize=9)
-plt.show()
+fig5_figure([(W, "block 0, trained weights W (pairs sorted by spectral centroid: smooth on the left)"),
+             (W - W0[0], "block 0, W − W₀: the change from the initialization (same units)"),
+             (R, "block 0, R = W − β·W₀: what training added (same units)")], (8, 8), pairs)
 
 # %% [markdown]
 # Block 1 is much less smooth (neighbour correlation 0.10 against 0.44), as the paper's §3.5
@@ -156,10 +183,7 @@ plt.show()
 
 # %%
 W1 = natural["blocks.1.mlp_tokens.fc1.weight"]
-fig, axes = plt.subplots(2, 16, figsize=(13, 1.8))
-draw_units(axes, W1, (8, 8), fig5.paired_order(W1))
-axes[0, 0].set_title("block 1: W", loc="left", fontsize=9)
-plt.show()
+fig5_figure([(W1, "block 1, trained weights W")], (8, 8), fig5.paired_order(W1))
 
 # %% [markdown]
 # ## The paper's control: pixels shuffled by one fixed permutation
@@ -179,12 +203,9 @@ print(f"test top-1: natural {acc:.2f}%, permuted {acc_p:.2f}%")
 print(f"block 0 neighbour correlation: raw (shuffled order) {fig5.neighbour_correlation(Wp):.2f}, "
       f"un-shuffled {fig5.neighbour_correlation(Wp_image):.2f}  (natural model {stats[0][1]:.2f}); "
       f"corr(W, W₀) = {fig5.correlation(Wp, W0[0]):.2f}")
-fig, axes = plt.subplots(4, 16, figsize=(13, 3.6))
-draw_units(axes[:2], Wp, (8, 8), fig5.paired_order(Wp))
-draw_units(axes[2:], Wp_image, (8, 8), fig5.paired_order(Wp_image))
-axes[0, 0].set_title("permuted-pixels model, block 0, as trained (shuffled order)", loc="left", fontsize=9)
-axes[2, 0].set_title("the same weights, columns put back in image order", loc="left", fontsize=9)
-plt.show()
+pairs_p = fig5.paired_order(Wp_image)
+fig5_figure([(Wp, "permuted-pixels model, block 0, as trained (pixels in shuffled order): noise"),
+             (Wp_image, "the same units, columns put back in image order: smooth again")], (8, 8), pairs_p)
 
 # %% [markdown]
 # ## The real Mixer-B/16, when its weights are here
@@ -199,35 +220,44 @@ if real:
     b16 = mm.get_config("mixer_b16_224")
     Wb = mm.load_weights(real[0], b16)["blocks.0.mlp_tokens.fc1.weight"]  # (384, 196)
     print(f"B/16 block 0: neighbour correlation {fig5.neighbour_correlation(Wb, (14, 14)):.2f}")
-    fig, axes = plt.subplots(4, 16, figsize=(13, 3.6))
-    draw_units(axes, Wb, (14, 14), fig5.paired_order(Wb, (14, 14))[:32])
-    axes[0, 0].set_title("Mixer-B/16, block 0: the 32 smoothest pairs", loc="left", fontsize=9)
-    plt.show()
+    pb = fig5.paired_order(Wb, (14, 14))
+    fig5_figure([(Wb, "Mixer-B/16, block 0: the 16 smoothest pairs")], (14, 14), pb[:16])
 else:
     print("no B/16 weights in weights/: skipping its units (this is fine offline)")
 
 # %% [markdown]
 # ## Exercises
-# Answer cells ship with one solution so the notebook runs in CI; cover them and write your own.
-# The training step's pieces (the loss and AdamW) are graded in assignment A3 of the coursework.
+# Write the code where the cell says so; the `assert` judges it. The training step's pieces (the loss
+# and AdamW) are graded in assignment A3 of the coursework.
 #
 # **Exercise 5.1.** Predict `spectral_centroid` for two 8×8 units before running it: a cosine with
-# one cycle across the grid horizontally, and a checkerboard. Expected: 1.0 and 4√2 ≈ 5.657.
+# one cycle across the grid horizontally, and a checkerboard. Write your two numbers as `predicted`.
 
 # %%
 col = np.arange(8)
 cosine = np.tile(np.cos(2 * np.pi * col / 8), (8, 1))
 checker = (-1.0) ** (col[:, None] + col[None, :])
-cent = fig5.spectral_centroid(np.stack([cosine.ravel(), checker.ravel()]))
-print("spectral centroids:", np.round(cent, 3))
-assert np.allclose(cent, [1.0, 4 * np.sqrt(2)])
+with course.exercise("5.1"):
+    ### BEGIN SOLUTION
+    predicted = (1.0, 4 * np.sqrt(2))  # one cycle: frequency 1; the checkerboard: (4, 4), |(4, 4)| = 4√2
+    ### END SOLUTION
+    cent = fig5.spectral_centroid(np.stack([cosine.ravel(), checker.ravel()]))
+    print("spectral centroids:", np.round(cent, 3))
+    assert np.allclose(cent, predicted)
 
 # %% [markdown]
-# **Exercise 5.2.** The permuted-pixels model reaches the natural model's accuracy. What does it
-# score on the *un*-permuted test images? Expected: far lower (below 50%), because its token
-# weights are tied to the shuffled positions.
+# **Exercise 5.2.** The permuted-pixels model reaches the natural model's accuracy. Measure what it
+# scores on the *un*-permuted test images (`acc_wrong`, in %), and explain the number.
+#
+# <!-- BEGIN ANSWER -->
+# *Answer:* far lower (below 50%): its token weights are tied to the shuffled positions, so on natural
+# images every token meets another position's weights.
+# <!-- END ANSWER -->
 
 # %%
-acc_wrong = evaluate(permuted, fig5.CFG, ArrayLoader(x_test, y_test, 256))["top1"]
-print(f"permuted model on natural images: {acc_wrong:.1f}%")
-assert acc_wrong < 50
+with course.exercise("5.2"):
+    ### BEGIN SOLUTION
+    acc_wrong = evaluate(permuted, fig5.CFG, ArrayLoader(x_test, y_test, 256))["top1"]
+    ### END SOLUTION
+    print(f"permuted model on natural images: {acc_wrong:.1f}%")
+    assert abs(acc_wrong - evaluate(permuted, fig5.CFG, ArrayLoader(x_test, y_test, 256))["top1"]) < 1e-9

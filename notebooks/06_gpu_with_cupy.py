@@ -1,12 +1,17 @@
 # %% [markdown]
 # # 6. Running on the GPU with CuPy
 #
+# **Needs:** assignments A1 and A2 (the forward pass). Without a GPU it runs on the CPU.
+#
 # The same functions run on CuPy arrays, because each layer takes its array module from its
 # inputs (`xp = get_xp(x)`). Moving parameters or inputs to the GPU is one call,
 # `mm.to_backend(obj, "cupy")`. On a machine with no usable GPU, asking for CuPy raises a clear
 # `BackendError`. On a GPU, the fast path fuses GELU (with CUDA's exact `erff`) into one kernel.
 
 # %%
+import course
+
+course.setup()
 import time
 
 import numpy as np
@@ -16,7 +21,7 @@ import minimixer as mm
 cfg = mm.get_config("mixer_b16_224")
 rng = np.random.default_rng(0)
 params = {k: (v + 0.02 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in mm.init_params(cfg).items()}
-x = rng.standard_normal((8, 3, 224, 224)).astype(np.float32)
+x = rng.standard_normal((2 if getattr(mm.fast, "STUDENT_EDITION", False) else 8, 3, 224, 224)).astype(np.float32)
 
 if mm.cupy_available():
     import cupy
@@ -46,25 +51,36 @@ else:
 
 # %% [markdown]
 # ## Exercises
-# The answer cells ship with one solution so the notebook runs in CI; cover them and write your own.
-# The graded exercises (layers, mixing, loss and AdamW) are the coursework: minimixer/coursework/README.md.
+# Write the code where the cell says so; the `assert` judges it.
 #
-# **Exercise 6.1.** How many bytes does `mm.to_backend(params, "cupy")` copy to the GPU for
-# Mixer-B/16 in float32, and how does that compare with the 240 MB checkpoint file? Expected:
-# 239,521,888 bytes (59,880,472 parameters × 4 bytes): the file is the parameters and little else.
+# **Exercise 6.1.** How many bytes does `mm.to_backend(params, "cupy")` copy to the GPU? Write
+# `param_bytes(cfg, itemsize)` from the config alone (no arrays), then compare B/16 in float32 with
+# its 240 MB checkpoint file.
 
 # %%
-nbytes = sum(v.nbytes for v in params.values())
-print(f"B/16 parameters: {mm.param_count(cfg):,} -> {nbytes:,} bytes in float32")
-assert nbytes == mm.param_count(cfg) * 4 == 239_521_888
+with course.exercise("6.1"):
+    def param_bytes(cfg, itemsize=4):
+        ### BEGIN SOLUTION
+        return mm.param_count(cfg) * itemsize
+        ### END SOLUTION
+
+    assert param_bytes(cfg, 4) == sum(v.nbytes for v in params.values())
+    print(f"B/16 in float32: {param_bytes(cfg, 4):,} bytes; in float64: {param_bytes(cfg, 8):,}")
 
 # %% [markdown]
 # **Exercise 6.2.** The channel MLP of one block does 2·N·D·DC multiply-accumulates per image
-# (notebook 3's cost table). At batch 256, how many TFLOP (2 per MAC) do the 12 blocks' channel
-# MLPs need per forward pass? Expected: 5.68 TFLOP, a few milliseconds on a modern GPU and tens of
-# seconds on this CPU.
+# (notebook 3's cost table). Write `channel_mlp_tflop(cfg, batch)`: the TFLOP (2 per MAC) that all
+# blocks' channel MLPs need for one forward pass. How long would B/16 at batch 256 take on a GPU
+# that sustains 100 TFLOP/s, and on this CPU?
 
 # %%
-macs = 12 * 2 * cfg.num_patches * cfg.embed_dim * cfg.channel_hidden * 256
-print(f"channel MLPs, batch 256: {2 * macs / 1e12:.2f} TFLOP")
-assert round(2 * macs / 1e12, 2) == 5.68
+with course.exercise("6.2"):
+    def channel_mlp_tflop(cfg, batch):
+        ### BEGIN SOLUTION
+        return cfg.num_blocks * 2 * cfg.num_patches * cfg.embed_dim * cfg.channel_hidden * batch * 2 / 1e12
+        ### END SOLUTION
+
+    shapes = mm.param_shapes(cfg)
+    macs_per_token = sum(int(np.prod(v)) for k, v in shapes.items() if "mlp_channels" in k and k.endswith("weight"))
+    assert abs(channel_mlp_tflop(cfg, 256) - 2 * 256 * cfg.num_patches * macs_per_token / 1e12) < 1e-9
+    print(f"B/16 channel MLPs at batch 256: {channel_mlp_tflop(cfg, 256):.2f} TFLOP")

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 7. Data parallelism: many processes, one big batch
 #
+# **Needs:** assignments A1, A2 and A3 (a training step).
+#
 # One process can only go as fast as its cores. To train or evaluate faster, run N copies of the
 # program (MPI calls them *ranks*), on one machine or many, and give each a share of the work:
 #
@@ -16,7 +18,11 @@
 # helpers that each real rank calls with its own rank number.
 
 # %%
+import course
+
+course.setup()
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 import minimixer as mm
 from minimixer import fast
@@ -25,6 +31,7 @@ from minimixer.data import digits_split
 from minimixer.layers import softmax_cross_entropy
 from minimixer.optim import AdamW, clip_grad_norm
 
+threadpool_limits(1)  # the digits model's matrices are small: one BLAS thread runs them fastest
 cfg = mm.get_config("mixer_digits")
 rng = np.random.default_rng(0)  # timm's init zeroes the head, and with it every other gradient: perturb
 params0 = {k: v + 0.02 * rng.standard_normal(v.shape) for k, v in mm.init_params(cfg, seed=0, dtype="float64").items()}
@@ -93,11 +100,17 @@ print(f"each rank drawing its own masks:              {rel(own_masks, big):.1e} 
 assert rel(weighted, big) < 1e-12 and rel(plain, big) > 1e-3 and rel(own_masks, big) > 1e-3
 
 # %% [markdown]
-# **Exercise.** Gradient clipping must come *after* the allreduce. Clip each share's gradients
+# **Exercise 7.1.** Gradient clipping must come *after* the allreduce. Clip each share's gradients
 # before they are added up (as a rank would if it clipped its own), and compare with the big-batch
-# gradient clipped once, at a max norm of half the big batch's norm. Predict first: which of the
-# two agrees with the big batch, and why does the other not? (Graded exercises on the layers and
-# AdamW are in the coursework: `python -m minimixer.coursework release`.)
+# gradient clipped once, at a max norm of half the big batch's norm. Write the sum of the clipped
+# shares (`early`) and the clipped sum (`late`). Predict first: which of the two agrees with the big
+# batch, and why does the other not?
+#
+# <!-- BEGIN ANSWER -->
+# *Answer:* clipping after the allreduce agrees. A share's gradient is noisier than the batch's, so its
+# norm is larger and it is scaled down by a different factor on each rank; clipping is not linear,
+# so it does not commute with the sum.
+# <!-- END ANSWER -->
 
 # %%
 def clipped(grads, max_norm):
@@ -108,18 +121,19 @@ def clipped(grads, max_norm):
 
 max_norm = 0.5 * clip_grad_norm({k: v.copy() for k, v in big.items()}, np.inf)  # returns the norm
 reference = clipped(big, max_norm)
-early = {k: np.zeros_like(v) for k, v in params0.items()}
-for r in range(ranks):
-    rows, rng = distributed.batch_share(B, np.random.default_rng(7), ranks, r)
-    g = clipped(loss_and_grads(params0, x[rows], y[rows], rng)[1], max_norm)  # each rank clips its own
-    for k in early:
-        early[k] += (rows.stop - rows.start) / B * g[k]
-late = clipped(weighted, max_norm)  # allreduce first, then clip: what train_step does
-print(f"clip after the allreduce:  {rel(late, reference):.1e}")
-print(f"clip before the allreduce: {rel(early, reference):.1e}")
-assert rel(late, reference) < 1e-12 and rel(early, reference) > 1e-3
-# Answer: a share's gradient is noisier than the batch's, so its norm is larger and it is scaled
-# down by a different factor on each rank; clipping is not linear, so it does not commute with the sum.
+with course.exercise("7.1"):
+    ### BEGIN SOLUTION
+    early = {k: np.zeros_like(v) for k, v in params0.items()}
+    for r in range(ranks):
+        rows, rng = distributed.batch_share(B, np.random.default_rng(7), ranks, r)
+        g = clipped(loss_and_grads(params0, x[rows], y[rows], rng)[1], max_norm)  # each rank clips its own
+        for k in early:
+            early[k] += (rows.stop - rows.start) / B * g[k]
+    late = clipped(weighted, max_norm)  # allreduce first, then clip: what train_step does
+    ### END SOLUTION
+    print(f"clip after the allreduce:  {rel(late, reference):.1e}")
+    print(f"clip before the allreduce: {rel(early, reference):.1e}")
+    assert rel(late, reference) < 1e-12 and rel(early, reference) > 1e-3
 
 # %% [markdown]
 # ## Ten training steps: 1 rank against 3
@@ -187,20 +201,15 @@ for name in ("mixer_s32_224", "mixer_b16_224", "mixer_l16_224"):
     print(f"{name:14s} {n:12,d} {4 * n / 1e6:8.1f} MB " + " ".join(f"{t * 1e3:5.0f} ms" for t in times))
 
 # %% [markdown]
-# On CPUs a step takes seconds (an S/32 step on 16 images took 1–5 s per rank on the shared
-# 2-core test machine), so 15 ms of allreduce is about 1%. On GPUs a step can take tens of
+# On CPUs a step takes seconds (an S/32 step on 16 images takes a few seconds per rank on two
+# cores), so 15 ms of allreduce is about 1%. On GPUs a step can take tens of
 # milliseconds and the allreduce is no longer negligible: large jobs overlap it with the backward
 # pass (start sending a block's gradients as soon as they are ready), which minimixer does not do.
 #
-# `benchmarks/mpi_scaling.py` measures 1 rank × 2 threads against 2 ranks × 1 thread on one
-# machine. On the 2-core test machine (shared with other jobs, so only ratios within a round mean
-# anything), 2 ranks × 1 thread was faster in 8 of 9 rounds for the S/32 train step (global batch
-# 32: 0.9–1.8×, median 1.3×) and in all 9 for B/16 inference (batch 16: 1.2–2.1×, median 1.6×).
-# Part of that is the load: one process's two threads meet in
-# Python between NumPy calls (the GIL) and wait for each other, two processes never do. The price
-# is memory: each rank holds its own parameters and AdamW state (about 300 MB for S/32), while the
-# activations are split (290 MB per rank instead of 580 MB). Within one machine the allreduce of
-# S/32's 76 MB of gradients took 0.1–0.3 s through shared memory.
+# On one machine, two ranks of one thread each can beat one rank of two threads: one process's
+# threads meet in Python between NumPy calls (the GIL) and wait for each other; two processes never
+# do. The price is memory: each rank holds its own parameters and AdamW state, while the activations
+# are split. `benchmarks/mpi_scaling.py` measures it on your machine (docs/walkthrough.md has our runs).
 #
 # ## Running it
 #
@@ -220,11 +229,3 @@ for name in ("mixer_s32_224", "mixer_b16_224", "mixer_l16_224"):
 # - **A failure**: if one rank raises, it prints its error and ends the whole job (MPI_Abort), so
 #   no rank waits forever. If a rank is killed, `mpiexec` ends the others. Checkpoints are written
 #   atomically, so the last one is intact, and `--resume` continues with any number of ranks.
-#
-# ## What was verified here, and what was not
-#
-# Verified on one 2-core machine with MPICH 4 (the wheel) and mpi4py 4: training parity with
-# 1, 2 ranks (and 3 simulated here), even and uneven shares, a rank with no rows; resume across
-# 1 ↔ 2 ranks; sharded eval and predict printing what one process prints; a killed rank.
-# Not verified: several machines, Slurm, Open MPI, and everything on GPUs (CUDA-aware MPI, the
-# host-copy path, NCCL): no GPU or cluster was available. Those paths are written for, not tested.

@@ -4,6 +4,10 @@ One source of truth: minimixer's own layers.py and optim.py, where each exercise
 between "### BEGIN SOLUTION" and "### END SOLUTION". The edition is a copy of the package
 without those bodies, without the grader, and with the fast path (whose fused kernels contain
 the same answers) replaced by the clear path on the student's own layers (student_fast.py).
+
+The walkthrough notebooks carry the same markers (nbgrader's): a code region between them becomes
+`raise course.Todo()`, a line ending in `# SOLUTION LINE` keeps its target and loses its value, and
+markdown between `<!-- BEGIN ANSWER -->` and `<!-- END ANSWER -->` is left for the student.
 """
 import ast
 import os
@@ -16,6 +20,7 @@ from ..checkpoints.safetensors_io import atomic_write_bytes
 from ..commands.cli import UserError
 from . import protocol
 from .cases import PUBLIC_SEED, make_cases
+from .exercises import BY_NAME, FILES
 
 BEGIN, END = "### BEGIN SOLUTION", "### END SOLUTION"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,7 +47,7 @@ def strip_solutions(source, where="source"):
                 raise ValueError(f"{where}: nested {BEGIN} in {name}")
             inside = True
             indent = line[:len(line) - len(line.lstrip())]
-            out.append(f'{indent}raise NotImplementedError("{name}: write your solution here")')
+            out.append(f'{indent}raise NotImplementedError("{unwritten(name)}")')
         elif marker == END:
             if not inside:
                 raise ValueError(f"{where}: {END} without {BEGIN} in {name}")
@@ -52,6 +57,60 @@ def strip_solutions(source, where="source"):
     if inside:
         raise ValueError(f"{where}: unterminated {BEGIN} in {name}")
     return "\n".join(out) + "\n"
+
+
+def unwritten(name):
+    """The one line a student sees when their code reaches an exercise they have not written."""
+    ex = BY_NAME.get(name.split(".")[0])
+    if ex is None:
+        return f"{name} is not written yet"
+    return (f"{name} is not written yet: it is assignment {ex.assignment}, in minimixer/{FILES[ex.module]}; "
+            f"write it, then check it with: python -m minimixer.coursework check")
+
+
+NB_LINE = "# SOLUTION LINE"
+NB_ANSWER = ("# <!-- BEGIN ANSWER -->", "# <!-- END ANSWER -->")
+
+
+def strip_notebook(source, where="notebook"):
+    """The student's version of a walkthrough notebook (jupytext py:percent): the answers taken out."""
+    out, inside = [], None
+    for n, line in enumerate(source.splitlines(), 1):
+        marker = line.strip()
+        indent = line[:len(line) - len(line.lstrip())]
+        if marker in (BEGIN, NB_ANSWER[0]):
+            if inside:
+                raise ValueError(f"{where}, line {n}: {marker} inside another answer")
+            inside = marker
+            out.append(f"{indent}raise course.Todo()  # your code here" if marker == BEGIN else "# *Your answer:*")
+        elif marker in (END, NB_ANSWER[1]):
+            if inside != (BEGIN if marker == END else NB_ANSWER[0]):
+                raise ValueError(f"{where}, line {n}: {marker} without its BEGIN")
+            inside = None
+        elif inside:
+            continue
+        elif line.rstrip().endswith(NB_LINE):
+            target, sep, _ = line.partition(" = ")
+            if not sep:
+                raise ValueError(f"{where}, line {n}: {NB_LINE} needs `name = value`")
+            out.append(f"{target} = ...  # your line here")
+        else:
+            out.append(line)
+    if inside:
+        raise ValueError(f"{where}: unterminated {inside}")
+    return "\n".join(out) + "\n"
+
+
+def as_ipynb(source):
+    """A notebook's .ipynb (no outputs), made from its py:percent source with jupytext."""
+    try:
+        import jupytext
+    except ImportError:
+        raise UserError("writing the notebooks as .ipynb needs jupytext: pip install -e \".[notebooks]\"") from None
+    nb = jupytext.reads(source, fmt="py:percent")
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata.pop("jupytext", None)
+    return jupytext.writes(nb, fmt="ipynb").encode()
 
 
 def guarded_init(source):
@@ -110,24 +169,36 @@ def _edition_files(with_selfcheck=True):
     return files, student_readme
 
 
+# what notebook 04 compares with when timm is not installed: timm's logits and gradients on small models
+NOTEBOOK_FIXTURES = tuple(f"{name}.{ext}" for name in ("tiny_erf_f64", "tiny_tanh_f64", "small_erf_f32")
+                          for ext in ("npz", "safetensors"))
+
+
 def _extras():
-    """The walkthrough notebooks, the weights and photo they open, when this is a source checkout.
-    (The bundled digits model, eval's and predict's default, is package data: it comes with the package.)"""
+    """The walkthrough notebooks (answers taken out; as .py and .ipynb), the weights, photo and fixtures
+    they open, when this is a source checkout. (The bundled digits model, eval's and predict's default,
+    is package data: it comes with the package.)"""
     files = {}
     nb = os.path.join(REPO, "notebooks")
     if os.path.isdir(nb):
         for n in sorted(os.listdir(nb)):
             if n.endswith((".py", ".md")):
-                with open(os.path.join(nb, n), "rb") as f:
-                    files[os.path.join("notebooks", n)] = f.read()
+                with open(os.path.join(nb, n), encoding="utf-8") as f:
+                    text = f.read()
+                if n.endswith(".py"):
+                    text = strip_notebook(text, n)
+                    if re.match(r"\d\d\w*_", n):
+                        files[os.path.join("notebooks", n[:-3] + ".ipynb")] = as_ipynb(text)
+                files[os.path.join("notebooks", n)] = text.encode()
         assets = os.path.join(nb, "assets")  # the trained Fig. 5 models that notebook 05 loads
         for n in sorted(os.listdir(assets)) if os.path.isdir(assets) else []:
             with open(os.path.join(assets, n), "rb") as f:
                 files[os.path.join("notebooks", "assets", n)] = f.read()
-        photo = os.path.join(REPO, "tests", "images", "china.jpg")
-        if os.path.exists(photo):
-            with open(photo, "rb") as f:
-                files[os.path.join("tests", "images", "china.jpg")] = f.read()
+        for rel in [os.path.join("images", "china.jpg")] + [os.path.join("fixtures", n) for n in NOTEBOOK_FIXTURES]:
+            path = os.path.join(REPO, "tests", rel)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    files[os.path.join("tests", rel)] = f.read()
     return files
 
 
@@ -140,7 +211,11 @@ name = "minimixer"
 version = "0.1.0+student"
 description = "MLP-Mixer from scratch in NumPy: the student edition (the layers are yours to write)"
 requires-python = ">=3.10"
-dependencies = ["numpy>=1.24", "safetensors>=0.4", "pillow>=9.0", "tqdm>=4.60", "huggingface_hub>=0.23"]
+dependencies = ["numpy>=1.24", "safetensors>=0.4", "pillow>=9.0", "tqdm>=4.60", "huggingface_hub>=0.23",
+                "threadpoolctl>=3.1"]
+
+[project.optional-dependencies]
+notebooks = ["jupyter", "jupytext>=1.14", "matplotlib>=3.6"]
 
 [tool.setuptools.packages.find]
 include = ["minimixer*"]
