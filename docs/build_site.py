@@ -23,7 +23,8 @@ SITE = ROOT / "build" / "site"
 # the figures each notebook draws (its text promises them); 05 draws one more with the B/16 weights
 FIGURES = {"01_patches_and_stem": 2, "02_layernorm_and_gelu": 1, "02b_block_backward_by_hand": 0,
            "03_token_vs_channel_mixing": 2, "04_full_model_parity": 0, "05_training_on_digits": 5,
-           "06_gpu_with_cupy": 0, "07_data_parallel": 0}
+           "06_gpu_with_cupy": 0, "07_data_parallel": 0,
+           "08_fine_tuning_at_another_resolution": 2}
 INLINE = "module://matplotlib_inline.backend_inline"  # Agg would draw nothing into the notebook
 
 

@@ -1,6 +1,8 @@
 # %% [markdown]
 # # 8. Fine-tuning at another resolution (the paper's Appendix C)
 #
+# **Needs:** assignments A1, A2 and A3 (a training step).
+#
 # Pretrained Mixers are fine-tuned at a higher resolution than they were trained at (the paper
 # fine-tunes at 448 px models pretrained at 224). A ViT needs only its position embeddings
 # resized; a Mixer's token-mixing MLP is itself tied to the number of patches. This notebook:
@@ -18,6 +20,9 @@
 # This notebook shows 2 figures.
 
 # %%
+import course
+
+course.setup()
 import time
 
 import matplotlib.pyplot as plt
@@ -222,20 +227,24 @@ plt.show()
 # the same 60 steps.
 #
 # ## Exercises
-# Answer cells ship with one solution so the notebook runs in CI; cover them and write your own.
+# Write the code where the cell says so; the `assert` at the end of the cell judges it.
 #
 # **Exercise 8.1.** Appendix C with K = 3: resize the digits model to 24×24 and check that its
 # logits are the mean over the nine 8×8 parts. Expected: the token hidden width is 9·32 = 288, and
 # the difference is at rounding level (< 1e-12).
 
 # %%
-big3, cfg3 = resize(params, cfg, 24)
 x3 = rng.standard_normal((2, 1, 24, 24))
-parts3 = np.concatenate([x3[:, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] for r in range(3) for c in range(3)])
-diff3 = np.abs(mm.mixer_forward(big3, x3, cfg3)[0]
-               - mm.mixer_forward(params, parts3, cfg)[0].reshape(9, 2, -1).mean(axis=0)).max()
-print(f"K = 3: token hidden {cfg3.token_hidden}, max |Δ logits| = {diff3:.1e}")
-assert cfg3.token_hidden == 288 and diff3 < 1e-12
+with course.exercise("8.1"):
+    # big3, cfg3: the digits model resized to 24x24; diff3: max |logits - mean over the nine parts' logits|
+    ### BEGIN SOLUTION
+    big3, cfg3 = resize(params, cfg, 24)
+    parts3 = np.concatenate([x3[:, :, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] for r in range(3) for c in range(3)])
+    diff3 = np.abs(mm.mixer_forward(big3, x3, cfg3)[0]
+                   - mm.mixer_forward(params, parts3, cfg)[0].reshape(9, 2, -1).mean(axis=0)).max()
+    ### END SOLUTION
+    print(f"K = 3: token hidden {cfg3.token_hidden}, max |Δ logits| = {diff3:.1e}")
+    assert cfg3.token_hidden == 288 and diff3 < 1e-12
 
 # %% [markdown]
 # **Exercise 8.2.** Tile the fc2 *bias* contiguously (`np.tile(b2, 4)`) but keep everything else
@@ -243,11 +252,15 @@ assert cfg3.token_hidden == 288 and diff3 < 1e-12
 # the mean over quadrants (< 1e-12), block 0's output does not (> 1e-3).
 
 # %%
-wrong = dict(big)
-for i in range(cfg.num_blocks):
-    wrong[f"blocks.{i}.mlp_tokens.fc2.bias"] = np.tile(params[f"blocks.{i}.mlp_tokens.fc2.bias"], K * K)
-(wfeats, wblocks), _ = mm.forward_intermediates(wrong, x, big_cfg)
-logit_gap = np.abs(mm.forward_head(wrong, wfeats, big_cfg)[0] - mean_logits).max()
-block_gap = np.abs(wblocks[0] - blocks[0]).max()
-print(f"wrong fc2 bias: logits off by {logit_gap:.1e}, block 0 output off by {block_gap:.2f}")
-assert logit_gap < 1e-12 and block_gap > 1e-3
+with course.exercise("8.2"):
+    # wrong: a copy of `big` whose every token-MLP fc2 bias is tiled contiguously
+    ### BEGIN SOLUTION
+    wrong = dict(big)
+    for i in range(cfg.num_blocks):
+        wrong[f"blocks.{i}.mlp_tokens.fc2.bias"] = np.tile(params[f"blocks.{i}.mlp_tokens.fc2.bias"], K * K)
+    ### END SOLUTION
+    (wfeats, wblocks), _ = mm.forward_intermediates(wrong, x, big_cfg)
+    logit_gap = np.abs(mm.forward_head(wrong, wfeats, big_cfg)[0] - mean_logits).max()
+    block_gap = np.abs(wblocks[0] - blocks[0]).max()
+    print(f"wrong fc2 bias: logits off by {logit_gap:.1e}, block 0 output off by {block_gap:.2f}")
+    assert logit_gap < 1e-12 and block_gap > 1e-3
