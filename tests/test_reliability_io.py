@@ -177,7 +177,7 @@ def test_unreadable_class_folder_is_named_and_counted(colors, capsys, monkeypatc
             raise PermissionError(13, "Permission denied", locked)
         return real_scandir(path)
 
-    monkeypatch.setattr(data.os, "scandir", scandir)
+    monkeypatch.setattr(data.folders.os, "scandir", scandir)
     assert color_eval(root, weights) == 0
     out, err = capsys.readouterr()
     assert f"skipping {locked}: cannot read this folder (Permission denied)" in err
