@@ -1,5 +1,6 @@
 """Image folders: the ImageFolder scan (root/<class>/<image>) and decoding one image."""
 import os
+import re
 import sys
 import warnings
 
@@ -14,9 +15,25 @@ def _warn_skip(path, reason):
     print(f"skipping {path}: {reason}", file=sys.stderr)
 
 
-def find_images(root, on_skip=None):
-    """ImageFolder layout: root/<class>/<image>. Class index = position in sorted folder names,
-    as in torchvision and timm. Returns (samples [(path, index)], classes).
+def natural_key(name):
+    """timm's sort key for class folders (timm.utils.misc.natural_key): case-folded, digit runs
+    compared as numbers, so class2 comes before class10."""
+    parts = re.split(r"(\d+)", name.lower())
+    return [int(p) if i % 2 else p for i, p in enumerate(parts)]  # odd pieces are the digit runs
+
+
+def class_order(names):
+    """Class folder names in timm's order: natural_key, then the name itself (timm leaves names
+    that differ only in case in set order; here they are ordered, so runs are repeatable)."""
+    return sorted(names, key=lambda n: (natural_key(n), n))
+
+
+def find_images(root, on_skip=None, class_map=None):
+    """ImageFolder layout: root/<class>/<image>. Returns (samples [(path, index)], classes).
+
+    Class indices are timm's (ImageDataset, find_images_and_targets): only folders that hold
+    an image count as classes, in natural order (class2 before class10), unless class_map
+    {folder name: index} (timm's --class-map) gives them; folders it does not name are left out.
 
     Symbolic links are followed (as torchvision's followlinks), but each real folder is read
     once per class, and never root or a class folder again: `ln -s . a` or `ln -s .. up`
@@ -27,19 +44,33 @@ def find_images(root, on_skip=None):
     on_skip = on_skip or _warn_skip
     if not os.path.isdir(root):
         raise FileNotFoundError(f"data directory not found: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
+    folders = [e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith(".")]
+    if not folders:
         raise ValueError(f"{root}: no class subfolders (expected ImageFolder layout root/<class>/<image>)")
-    class_roots = {os.path.realpath(os.path.join(root, c)): c for c in classes}
-    samples = []
-    for index, name in enumerate(classes):
+    class_roots = {os.path.realpath(os.path.join(root, c)): c for c in folders}
+    found = {}  # folder name -> its image paths
+    for name in class_order(folders):
         top = os.path.join(root, name)
+        if class_map is not None and name not in class_map:
+            on_skip(top, "not in the class map: its images are left out")
+            continue
         others = {r: c for r, c in class_roots.items() if c != name and r != os.path.realpath(top)}
         visited = {os.path.realpath(root), *class_roots}
-        for folder, files in sorted(_walk_once(top, visited, others, on_skip)):
-            samples += [(os.path.join(folder, f), index) for f in files]
-    if not samples:
+        unread = []  # a class folder that cannot be read may hold images: it keeps its place
+
+        def told(path, reason):
+            if path == top:
+                unread.append(path)
+            on_skip(path, reason)
+        paths = [os.path.join(folder, f) for folder, files in sorted(_walk_once(top, visited, others, told))
+                 for f in files]
+        if paths or unread:  # a folder without images is no class (timm counts none)
+            found[name] = paths
+    if not any(found.values()):
         raise ValueError(f"{root}: no images with extensions {', '.join(IMG_EXTENSIONS)}")
+    classes = list(found)
+    index = class_map if class_map is not None else {name: i for i, name in enumerate(classes)}
+    samples = [(path, index[name]) for name in classes for path in found[name]]
     return samples, classes
 
 

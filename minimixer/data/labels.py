@@ -1,5 +1,7 @@
 """Label files for flat folders of images (ImageNet val and the like)."""
+import io
 import os
+import pickle
 import re
 
 from ..checkpoints.safetensors_io import open_regular_file
@@ -86,3 +88,71 @@ def _labels_for(image_files, named, path, to_index):
     if missing:
         raise ValueError(f"{path}: no label for {len(missing)} image(s), e.g. {missing[0]}")
     return labels
+
+
+# --- timm's class map: folder name -> class index ------------------------------------------
+
+CLASS_MAP_LIMIT = 64 << 20  # bytes; ImageNet-21k's 21,843 names take 220 KB
+
+
+class _NoGlobals(pickle.Unpickler):
+    """A class map pickle is a dict of strings and ints; any global (a class, a function) is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"it refers to {module}.{name}; a class map holds only names and numbers")
+
+
+def read_class_map(path):
+    """timm's --class-map file as {class folder name: index}: '.txt', one name per line, the
+    line's number (from 0) its index; or '.pkl', a pickled dict (no globals allowed, as timm).
+
+    As timm: names are stripped, and a blank line still takes its index. Unlike timm, a leading
+    BOM is not part of the first name, and a name given twice is an error naming both lines
+    (timm would keep the last). Every error is a ValueError that names the file."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".txt", ".pkl"):
+        raise ValueError(f"{path}: a class map is a .txt file (one class name per line) or a .pkl dict, "
+                         f"not {ext or 'a file without extension'}")
+    try:
+        with open_regular_file(path) as f:
+            raw = f.read(CLASS_MAP_LIMIT + 1)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    if len(raw) > CLASS_MAP_LIMIT:
+        raise ValueError(f"{path}: over {CLASS_MAP_LIMIT >> 20} MB: not a class map")
+    if ext == ".pkl":
+        try:
+            mapping = _NoGlobals(io.BytesIO(raw)).load()
+        except Exception as e:  # noqa: BLE001 - any malformed pickle, in one line
+            raise ValueError(f"{path}: not a readable class map pickle ({' '.join(str(e).split())[:200] or type(e).__name__})") from None
+        if not isinstance(mapping, dict) or not mapping:
+            raise ValueError(f"{path}: the pickle holds {type(mapping).__name__}, not a non-empty dict "
+                             "{class name: index}")
+        for name, index in mapping.items():
+            if not isinstance(name, str) or not _is_index(index):
+                raise ValueError(f"{path}: entry {str(name)[:60]!r}: {str(index)[:60]!r}: expected a class "
+                                 "name (str) and an index (int >= 0)")
+        return dict(mapping)
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    lines = re.split(r"\r\n|\r|\n", text)  # Python's text-mode line ends, as timm reads it
+    if lines and lines[-1] == "":
+        lines.pop()  # the end of the last line
+    mapping, where = {}, {}
+    for k, line in enumerate(lines):
+        name = line.strip()
+        if not name:
+            continue  # timm maps '' to k; no folder has that name
+        if name in mapping:
+            raise ValueError(f"{path}: line {k + 1}: {name[:60]!r} is given twice (lines {where[name]} and {k + 1})")
+        mapping[name], where[name] = k, k + 1
+    if not mapping:
+        raise ValueError(f"{path}: empty class map")
+    return mapping
+
+
+def _is_index(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0

@@ -1,0 +1,269 @@
+"""Reliability, round 3 (issue 23, items 1, 3, 4, 6, 7): nothing silently wrong, every signal
+handled. Each test names its item; each failed on fb2e9ae.
+
+The commands run in-process through cli.run (the path of `python -m`), except where a fresh
+interpreter is the point (a real signal, a locale, a second process holding a lock)."""
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import minimixer as mm
+import minimixer.commands.eval as meval
+from minimixer import data
+from minimixer.commands import cli
+from test_eval import COLOR_ARGS, color_model, write_image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BLUE, GREEN, RED = (20, 30, 220), (30, 200, 40), (210, 25, 35)
+
+
+def exit_status(call):
+    """The exit status of a command run in-process: argparse's errors exit with SystemExit."""
+    try:
+        return call()
+    except SystemExit as e:
+        return e.code
+
+
+def run_eval(*args):
+    return exit_status(lambda: cli.run(meval.main, list(args), prog="python -m minimixer.eval"))
+
+
+def color_eval(root, weights, *extra, classes=3):
+    return run_eval(*COLOR_ARGS, "--num-classes", str(classes), "--weights", str(weights), "--data", str(root),
+                    "--workers", "1", "--no-progress", *extra)
+
+
+def one_line_error(err, *needles):
+    lines = [line for line in err.strip().splitlines() if line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def env_with_path(**extra):
+    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+
+
+# --- item 1: class order as timm's ---------------------------------------------------------------
+
+def natural_folder(root, with_empty=True):
+    """class1 (blue), class2 (green), class10 (red): natural order gives the color model's indices
+    0, 1, 2; a plain sort puts class10 second. An empty folder sorts first and is not a class."""
+    for name, color in (("class1", BLUE), ("class2", GREEN), ("class10", RED)):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            write_image(root / name / f"{name}_{i}.png", color)
+    if with_empty:
+        (root / "Aempty").mkdir()
+        (root / "Aempty" / "notes.txt").write_text("no image here")
+    return root
+
+
+def test_item1_class_folders_in_natural_order_and_empty_folders_are_no_class(tmp_path, capsys):
+    root = natural_folder(tmp_path / "val")
+    color_model(tmp_path / "w.safetensors", 3)
+    out_file = tmp_path / "r.json"
+    assert color_eval(root, tmp_path / "w.safetensors", "--results-file", str(out_file)) == 0
+    row = json.loads(out_file.read_text())
+    assert row["top1"] == 100.0 and row["count"] == 6, row
+    samples, classes = data.find_images(str(root), on_skip=lambda p, why: None)
+    assert classes == ["class1", "class2", "class10"]
+
+
+def test_item1_natural_key_is_timms():
+    names = ["b10", "B2", "a", "a1b2", "a01", "x9y", "10", "9", "", "Z", "z"]
+    ref = sorted(names, key=lambda s: ([int(p) if p.isdigit() else p for p in __import__("re").split(r"(\d+)", s.lower())], s))
+    assert data.class_order(names) == ref
+
+
+def test_item1_class_map_txt_and_pkl_give_the_indices(tmp_path, capsys):
+    root = natural_folder(tmp_path / "val", with_empty=False)
+    color_model(tmp_path / "w.safetensors", 3)
+    # a map that reverses the natural order: red folder -> 2 stays, so 1 of 3 classes right
+    txt = tmp_path / "map.txt"
+    txt.write_text("class10\nclass2\nclass1\n")
+    assert color_eval(root, tmp_path / "w.safetensors", "--class-map", str(txt), "--results-file",
+                      str(tmp_path / "a.json")) == 0
+    assert json.loads((tmp_path / "a.json").read_text())["top1"] == round(100 / 3, 4)
+    pkl = tmp_path / "map.pkl"
+    pkl.write_bytes(pickle.dumps({"class1": 0, "class2": 1}))  # class10 is not in the map: left out
+    assert color_eval(root, tmp_path / "w.safetensors", "--class-map", str(pkl), "--results-file",
+                      str(tmp_path / "b.json")) == 0
+    row = json.loads((tmp_path / "b.json").read_text())
+    assert row["top1"] == 100.0 and row["count"] == 4
+    assert "class10: not in the class map" in capsys.readouterr().err
+
+
+def test_item1_class_map_errors_are_one_line(tmp_path, capsys):
+    root = natural_folder(tmp_path / "val", with_empty=False)
+    color_model(tmp_path / "w.safetensors", 3)
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"class1": os.getcwd}))  # a global: refused, never called
+    big = tmp_path / "big.txt"
+    big.write_text("\n".join([f"x{i}" for i in range(5)] + ["class1", "class2", "class10"]))  # index 7 for 3 classes
+    dup = tmp_path / "dup.txt"
+    dup.write_text("class1\nclass2\nclass1\n")
+    for path, needle in ((evil, "refers to posix.getcwd"), (big, "index 7 is outside"),
+                         (dup, "line 3: 'class1' is given twice (lines 1 and 3)"), (tmp_path / "m.json", "a .txt")):
+        if not path.exists():
+            path.write_text("{}")
+        assert color_eval(root, tmp_path / "w.safetensors", "--class-map", str(path)) == 2
+        one_line_error(capsys.readouterr().err, str(path), needle)
+
+
+def test_item1_flat_folder_with_a_subfolder_stays_flat(tmp_path, capsys):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i, color in enumerate((BLUE, GREEN, RED)):
+        write_image(root / f"img{i}.png", color)
+    (root / "labels.txt").write_text("img0.png 0\nimg1.png 1\nimg2.png 2\n")
+    (root / "extra").mkdir()
+    write_image(root / "extra" / "x.png", RED)
+    color_model(tmp_path / "w.safetensors", 3)
+    out_file = tmp_path / "r.json"
+    assert color_eval(root, tmp_path / "w.safetensors", "--results-file", str(out_file)) == 0
+    row = json.loads(out_file.read_text())
+    assert row["count"] == 3 and row["top1"] == 100.0, row
+    assert "subfolder(s) are not read" in capsys.readouterr().err
+    # without a label file: images and subfolders together are an error, not a guess
+    (root / "labels.txt").unlink()
+    assert color_eval(root, tmp_path / "w.safetensors") == 2
+    one_line_error(capsys.readouterr().err, "holds both images and subfolders", "--labels")
+
+
+@pytest.mark.parametrize("flag,values,needle", [
+    ("--mean", ["nan", "nan", "nan"], "finite"), ("--std", ["0", "0", "0"], "> 0"),
+    ("--std", ["inf", "1", "1"], "finite"), ("--std", ["-1", "1", "1"], "> 0")])
+def test_item1_mean_std_are_validated(tmp_path, capsys, flag, values, needle):
+    root = natural_folder(tmp_path / "val", with_empty=False)
+    color_model(tmp_path / "w.safetensors", 3)
+    out_file = tmp_path / "r.json"
+    assert color_eval(root, tmp_path / "w.safetensors", flag, *values, "--results-file", str(out_file)) == 2
+    one_line_error(capsys.readouterr().err, flag, needle)
+    assert not out_file.exists()
+
+
+def test_item1_preprocessing_flags_with_digits_are_refused(capsys):
+    for extra in (["--mean", "0.1"], ["--std", "0.3"], ["--crop-pct", "0.9"]):
+        assert run_eval("--no-progress", *extra) == 2
+        one_line_error(capsys.readouterr().err, extra[0], "digits")
+
+
+def test_item1_data_config_refuses_bad_values():
+    from minimixer.checkpoints.preprocessing import DataConfig
+    for bad in (dict(mean=(float("nan"),) * 3), dict(std=(0.0,) * 3), dict(crop_pct=0.0), dict(interpolation="cubic")):
+        with pytest.raises(ValueError):
+            DataConfig(**bad)
+
+
+# --- item 1: the class-map and label-file parsers, fuzzed -----------------------------------------
+
+def timm_txt_class_map(path):
+    """timm.data.readers.class_map.load_class_map's .txt branch, verbatim."""
+    with open(path, encoding="utf-8") as f:
+        return {v.strip(): k for k, v in enumerate(f)}
+
+
+NAME = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp", "Zs")), min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(names=st.lists(NAME, min_size=1, max_size=12, unique=True), blanks=st.lists(st.booleans(), max_size=12),
+       end=st.sampled_from(["\n", "\r\n", "\r"]), last=st.booleans())
+def test_item1_fuzz_class_map_txt_as_timm_reads_it(tmp_path, names, blanks, end, last):
+    lines = []
+    for i, n in enumerate(names):
+        if i < len(blanks) and blanks[i]:
+            lines.append("  ")
+        lines.append(n)
+    path = tmp_path / "m.txt"
+    path.write_bytes((end.join(lines) + (end if last else "")).encode())
+    ref = {k: v for k, v in timm_txt_class_map(path).items() if k}
+    assert data.read_class_map(str(path)) == ref
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=200), ext=st.sampled_from([".txt", ".pkl"]))
+def test_item1_fuzz_class_map_bytes_give_a_map_or_one_line(tmp_path, raw, ext):
+    path = tmp_path / f"m{ext}"
+    path.write_bytes(raw)
+    try:
+        m = data.read_class_map(str(path))
+    except ValueError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    assert m and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in m.items())
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(mapping=st.dictionaries(st.one_of(NAME, st.integers(), st.none()),
+                               st.one_of(st.integers(-3, 10 ** 6), st.booleans(), st.floats(), NAME), max_size=6))
+def test_item1_fuzz_class_map_pickles(tmp_path, mapping):
+    path = tmp_path / "m.pkl"
+    path.write_bytes(pickle.dumps(mapping))
+    valid = bool(mapping) and all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in mapping.items())
+    if valid:
+        assert data.read_class_map(str(path)) == mapping
+    else:
+        with pytest.raises(ValueError, match="m.pkl"):
+            data.read_class_map(str(path))
+
+
+# --- item 1, live: timm's own create_dataset --------------------------------------------------------
+
+def timm_samples(root, class_map=""):
+    from timm.data import create_dataset
+    ds = create_dataset("", root=str(root), search_split=False, class_map=class_map)
+    return ds.reader.samples, ds.reader.class_to_idx
+
+
+@pytest.mark.timm
+def test_item1_live_class_indices_are_timms(tmp_path):
+    root = natural_folder(tmp_path / "val")
+    for name in ("Class3", "class03b", "n2", "x"):  # case, leading zeros, and an empty folder ("x")
+        (root / name).mkdir()
+        if name != "x":
+            write_image(root / name / "a.jpg", BLUE)
+    theirs, _ = timm_samples(root)
+    ours, _ = data.find_images(str(root), on_skip=lambda p, why: None)
+    assert sorted(ours) == sorted(theirs)
+    mapfile = tmp_path / "map.txt"
+    mapfile.write_text("n2\n\nclass10\nclass1\n")
+    theirs, _ = timm_samples(root, str(mapfile))
+    ours, _ = data.find_images(str(root), on_skip=lambda p, why: None, class_map=data.read_class_map(str(mapfile)))
+    assert sorted(ours) == sorted(theirs)
+
+
+@pytest.mark.timm
+def test_item1_live_flat_folder_images_are_timms_root_images(tmp_path, monkeypatch):
+    """timm gives a folder's own images a class of their own (''), apart from its subfolders':
+    eval's flat mode takes exactly those images, never the subfolders' as classes."""
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i, color in enumerate((BLUE, GREEN, RED)):
+        write_image(root / f"img{i}.png", color)
+    (root / "labels.txt").write_text("img0.png 0\nimg1.png 1\nimg2.png 2\n")
+    (root / "extra").mkdir()
+    write_image(root / "extra" / "x.png", RED)
+    theirs, class_to_idx = timm_samples(root)
+    own = sorted(p for p, t in theirs if t == class_to_idx[""])
+    seen = {}
+    real = meval.ImageLoader
+
+    def spy(samples, *a, **kw):
+        seen["paths"] = sorted(p for p, _ in samples)
+        return real(samples, *a, **kw)
+    monkeypatch.setattr(meval, "ImageLoader", spy)
+    color_model(tmp_path / "w.safetensors", 3)
+    assert color_eval(root, tmp_path / "w.safetensors") == 0
+    assert seen["paths"] == own
