@@ -267,3 +267,173 @@ def test_item1_live_flat_folder_images_are_timms_root_images(tmp_path, monkeypat
     color_model(tmp_path / "w.safetensors", 3)
     assert color_eval(root, tmp_path / "w.safetensors") == 0
     assert seen["paths"] == own
+
+
+# --- item 3: SIGTERM and SIGHUP take Ctrl-C's path ----------------------------------------------------
+
+class Unhandled(Exception):
+    pass
+
+
+@pytest.fixture
+def guarded():
+    """SIGTERM/SIGHUP raise Unhandled unless the command installs its own handlers, so a command
+    that ignores them fails the test instead of killing pytest."""
+    def unhandled(signum, frame):
+        raise Unhandled(signal.Signals(signum).name)
+    previous = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for s, h in previous.items():
+        signal.signal(s, h)
+
+
+TINY_TRAIN = ["--embed-dim", "16", "--num-blocks", "2", "--epochs", "2", "--seed", "3", "--no-progress"]
+
+
+def train_in_process(*args):
+    from minimixer.commands import train
+    return exit_status(lambda: cli.run(train.main, list(args), prog="python -m minimixer.train"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_item3_train_under_sigterm_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, capsys, guarded, sig):
+    from minimixer.commands import train
+    from minimixer.training.loop import load_checkpoint
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    assert train_in_process("--out", str(straight), *TINY_TRAIN) == 0
+    real = train.ArrayLoader
+
+    class SignalAt(real):  # the loader sends the signal during step 30 (epoch 2; 23 steps each)
+        def batches(self, epoch=0, start=0):
+            for b, batch in enumerate(super().batches(epoch, start), start):
+                if self.shuffle and epoch * len(self) + b + 1 == 30:
+                    os.kill(os.getpid(), sig)
+                yield batch
+    monkeypatch.setattr(train, "ArrayLoader", SignalAt)
+    capsys.readouterr()
+    assert train_in_process("--out", str(stopped), *TINY_TRAIN) == 128 + sig
+    err = capsys.readouterr().err
+    assert "interrupted after step 30: checkpoint written" in err, err
+    state = load_checkpoint(str(stopped / "checkpoint.safetensors"))
+    assert state["step"] == 30 and state["partial_epoch"]["seen"] > 0  # mid-epoch
+    monkeypatch.setattr(train, "ArrayLoader", real)
+    assert train_in_process("--out", str(stopped), "--resume", "--no-progress") == 0
+    got, ref = (load_checkpoint(str(d / "checkpoint.safetensors")) for d in (stopped, straight))
+    diffs = {k: float(np.abs(got["params"][k] - ref["params"][k]).max()) for k in ref["params"]}
+    print("max |params diff|:", max(diffs.values()))
+    assert got["step"] == ref["step"] == 46
+    assert all(np.array_equal(got["params"][k], ref["params"][k]) for k in ref["params"]), diffs
+    for name, st_ in ref["optimizer"]["state"].items():
+        for key, v in st_.items():
+            assert np.array_equal(got["optimizer"]["state"][name][key], v), f"opt/{name}/{key}"
+
+
+def test_item3_real_sigterm_from_outside_writes_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "minimixer.train", "--epochs", "200", "--out", str(out),
+                             "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env_with_path())
+    deadline = time.time() + 60
+    while not (out / "metrics.json").exists() and time.time() < deadline:
+        time.sleep(0.2)  # the first epoch is done: training is under way
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "interrupted after step" in stderr and "checkpoint written" in stderr, stderr
+    from minimixer.training.loop import load_checkpoint
+    assert load_checkpoint(str(out / "checkpoint.safetensors"))["step"] > 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_item3_eval_under_sigterm_prints_partial_results(tmp_path, monkeypatch, capsys, guarded, sig):
+    calls = []
+    real = meval.predict
+
+    def predict(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), sig)
+        return real(*a, **kw)
+    monkeypatch.setattr(meval, "predict", predict)
+    out_file = tmp_path / "r.json"
+    assert run_eval("--no-progress", "-b", "32", "--results-file", str(out_file)) == 128 + sig
+    out, err = capsys.readouterr()
+    assert "Acc@1" in out and "interrupted after 64 of 355 images: partial results" in err, (out, err)
+    assert json.loads((tmp_path / "r.partial.json").read_text())["count"] == 64
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_item3_predict_under_sigterm_keeps_printed_results(tmp_path, monkeypatch, capsys, guarded, sig):
+    import importlib
+    mpredict = importlib.import_module("minimixer.commands.predict")
+    from minimixer.data import load_digits
+    from PIL import Image
+    images, _ = load_digits()
+    paths = []
+    for i in range(4):
+        paths.append(str(tmp_path / f"d{i}.png"))
+        Image.fromarray((images[i, 0] * 15).astype(np.uint8)).save(paths[-1])
+    calls = []
+    real = mpredict.predict
+
+    def predict(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), sig)
+        return real(*a, **kw)
+    monkeypatch.setattr(mpredict, "predict", predict)
+    code = exit_status(lambda: cli.run(mpredict.main, [*paths, "-b", "1"], prog="python -m minimixer.predict"))
+    out, err = capsys.readouterr()
+    assert code == 128 + sig, err
+    assert all(p in out for p in paths[:2]) and "interrupted after 2 of 4 images" in err, (out, err)
+
+
+# --- item 4: --out is checked and locked before the first step ------------------------------------------
+
+def test_item4_second_training_into_the_same_out_fails_at_once(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "minimixer.train", "--epochs", "200", "--out", str(out),
+                              "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env_with_path())
+    try:
+        deadline = time.time() + 60
+        while not (out / "metrics.json").exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert first.poll() is None, first.communicate()
+        t0 = time.perf_counter()
+        assert train_in_process("--out", str(out), "--epochs", "1", "--no-progress") == 2
+        seconds = time.perf_counter() - t0
+        out_text, err = capsys.readouterr()
+        one_line_error(err, f"--out {out}: another training is writing into this folder (process {first.pid})")
+        assert "training mixer_digits" not in out_text and seconds < 5, (out_text, seconds)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    # the lock ends with the process: now a training into it works
+    assert train_in_process("--out", str(out), "--resume", "--stop-after", str(
+        __import__("minimixer.training.loop", fromlist=["x"]).load_checkpoint(str(out / "checkpoint.safetensors"))["step"] + 1),
+        "--no-progress") == 0
+
+
+def unwritable_folder(tmp_path):
+    """An existing folder this process cannot write in: chmod 555, or for root (which ignores
+    permissions) a folder of a read-only file system such as /proc/self."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for folder in (str(ro), "/proc/self", "/sys"):
+        try:
+            open(os.path.join(folder, ".probe"), "wb").close()
+            os.unlink(os.path.join(folder, ".probe"))
+        except OSError:
+            return folder
+    pytest.skip("no unwritable folder here")
+
+
+def test_item4_unwritable_out_fails_before_the_data_is_read(tmp_path):
+    ro = unwritable_folder(tmp_path)
+    r = subprocess.run([sys.executable, "-m", "minimixer.train", "--epochs", "1", "--out", ro, "--no-progress"],
+                       capture_output=True, text=True, timeout=120, env=env_with_path())
+    assert r.returncode == 2, r.stderr
+    one_line_error(r.stderr, f"--out {ro}: cannot write in this folder (")
+    assert "training" not in r.stdout and "epoch" not in r.stdout, r.stdout

@@ -203,7 +203,20 @@ def results_row(args, cfg, dcfg, correct1, correct5, count, skipped, seconds):
             "count": count, "skipped": skipped, "img_per_sec": round(count / max(seconds, 1e-9), 2)}
 
 
+def partial_name(path):
+    """Where an interrupted run's results go: F.partial.json for F.json, so a complete results
+    file is never replaced by a partial row that nothing marks as partial."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.partial{ext}"
+
+
+def results_target(path):
+    """The file to write: a symbolic link's target (written through, not replaced by a file)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def write_results(path, row):
+    path = results_target(path)
     if path.endswith(".json"):
         data = json.dumps(row, indent=2).encode()
     else:
@@ -218,7 +231,7 @@ def write_results(path, row):
 def main(argv=None):
     args = parse_args(argv)
     if args.results_file:
-        check_writable(args.results_file)  # now, not after the whole evaluation
+        check_writable(results_target(args.results_file))  # now, not after the whole evaluation
     cfg = cli.config_from_args(args)
     dcfg = data_config(args.model, args.weights, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
                        interpolation=args.interpolation)
@@ -278,7 +291,8 @@ def main(argv=None):
     if interrupted:
         print(f"interrupted after {count} of {total} images: partial results", file=sys.stderr)
     print(f" * Acc@1 {row['top1']:.3f} ({row['top1_err']:.3f}) Acc@5 {row['top5']:.3f} ({row['top5_err']:.3f})")
-    shown = os.path.relpath(weights) if os.path.abspath(weights).startswith(os.getcwd() + os.sep) else weights
+    shown = cli.shown_path(os.path.relpath(weights) if os.path.abspath(weights).startswith(os.getcwd() + os.sep)
+                           else weights)
     print(f"   {args.model}  weights {shown}  images {count}  skipped {n_skipped}  "
           f"params {row['param_count']}M  {row['img_per_sec']:.1f} img/s  backend {args.backend}")
     for note in notes:
@@ -286,7 +300,12 @@ def main(argv=None):
     if left_out:
         print(f"   the folder scan left out {len(left_out)} folder(s) or file(s), named above", file=sys.stderr)
     if args.results_file:
-        write_results(args.results_file, row)
+        if interrupted:
+            write_results(partial_name(args.results_file), row)
+            print(f"partial results written to {cli.shown_path(partial_name(args.results_file), sys.stderr)}; "
+                  f"{cli.shown_path(args.results_file, sys.stderr)} is left as it was", file=sys.stderr)
+        else:
+            write_results(args.results_file, row)
     return 130 if interrupted else 0
 
 

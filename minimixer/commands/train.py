@@ -30,7 +30,7 @@ from ..data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_
 from ..optim import SCHEDULES
 from ..params import init_params
 from ..training.loop import OPTIMIZERS, SETTING_RULES, Interrupted, TrainSettings, fit, load_checkpoint, setting_problem
-from ..checkpoints.safetensors_io import check_state_dict, read_safetensors
+from ..checkpoints.safetensors_io import check_state_dict, check_writable, read_safetensors
 
 PROG = "python -m minimixer.train"
 DEFAULT_MODEL = "mixer_digits"
@@ -250,6 +250,71 @@ def resume_conflict(args, spellings, state, path):
     return None
 
 
+# --- the output folder -------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+_held = []  # (path, fd, folder created) of this process's locks: closing the fd releases the lock
+
+
+def lock_out(out):
+    """Create --out, check that it can be written, and lock it while the command runs (fcntl.flock
+    on OUT/.lock, which the kernel releases when the process ends, however it ends), so a second
+    training into the same folder stops at once instead of mixing checkpoints."""
+    created = not os.path.lexists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise cli.UserError(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
+    if not os.path.isdir(out):
+        raise cli.UserError(f"--out {out}: not a folder")
+    path = os.path.join(out, LOCK_NAME)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the write check alone
+        fcntl = None
+    for _ in range(10):
+        try:
+            check_writable(os.path.join(out, "checkpoint.safetensors"))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise cli.UserError(f"--out {out}: cannot write in this folder ({e.strerror or e})") from None
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise cli.UserError(f"--out {out}: another training is writing into this folder"
+                                + (f" (process {holder})" if holder.isdigit() else "")
+                                + "; wait for it to end, or give another --out") from None
+        try:  # the lock is ours if the file is still the one at `path` (its last holder removes it)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _held.append((path, fd, created))
+            return
+        os.close(fd)
+    raise cli.UserError(f"--out {out}: could not lock {path}")
+
+
+def unlock_out():
+    """Remove the lock file, then release the lock (a waiter that opened the removed file sees so);
+    a folder that lock_out created and nothing was written into goes too."""
+    while _held:
+        path, fd, created = _held.pop()
+        try:
+            os.unlink(path)
+            if created:
+                os.rmdir(os.path.dirname(path))  # fails, as it should, unless empty
+        except OSError:
+            pass
+        os.close(fd)
+
+
 # --- main --------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -258,10 +323,12 @@ def main(argv=None):
         return train(argv)
     except Interrupted as e:
         print(f"{PROG}: {e}", file=sys.stderr)
-        return 130
+        return 128 + (getattr(e, "signum", None) or 2)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        unlock_out()  # the lock ends with the command (in-process callers may train again)
 
 
 def resumed_run(args, spellings, out):
@@ -335,6 +402,8 @@ def train(argv):
     if not distributed.is_root():  # under mpiexec, rank 0 alone reports
         sys.stdout, args.no_progress = open(os.devnull, "w"), True
     out = args.out or os.path.join("runs", args.model or DEFAULT_MODEL)
+    if distributed.is_root():
+        lock_out(out)  # before the data is read: a read-only or busy --out is known at once
     run = resumed_run(args, spellings, out) if args.resume else fresh_run(args, out)
     cfg, settings, data = run["cfg"], run["settings"], run["data"]
     train_loader, test_loader, classes, data_info = make_loaders(data, cfg, settings, args.workers, run["folder"])

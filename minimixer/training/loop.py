@@ -370,28 +370,36 @@ OUTPUT_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.json", "
 # --- the loop ------------------------------------------------------------------------------
 
 class _StopRequest:
-    """Ctrl-C sets a flag that the loop checks between steps, so an update is never cut in half.
-    A second Ctrl-C interrupts at once."""
+    """Ctrl-C, SIGTERM or SIGHUP sets a flag that the loop checks between steps, so an update is
+    never cut in half (schedulers, `docker stop` and closed terminals send the other two). A second
+    one interrupts at once. The Interrupted that leaves carries .signum, the signal received."""
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
     def __init__(self, message):
         self.requested = False
         self.message = message
+        self.signum = None
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
+        self.previous = {}
+        for s in self.SIGNALS:
+            try:
+                self.previous[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                break
         return self
 
     def _handler(self, signum, frame):
+        self.signum = signum
         if self.requested:
             raise Interrupted(self.message())
         self.requested = True
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    def __exit__(self, kind, exc, tb):
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
+        if isinstance(exc, Interrupted):
+            exc.signum = self.signum
 
 
 @contextmanager
