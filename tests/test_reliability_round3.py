@@ -437,3 +437,126 @@ def test_item4_unwritable_out_fails_before_the_data_is_read(tmp_path):
     assert r.returncode == 2, r.stderr
     one_line_error(r.stderr, f"--out {ro}: cannot write in this folder (")
     assert "training" not in r.stdout and "epoch" not in r.stdout, r.stdout
+
+
+# --- item 6: no OverflowError, no MemoryError traceback, any bytes in a file name -----------------------
+
+@pytest.mark.parametrize("module,args,needle", [
+    ("eval", ["--mlp-ratio", "inf", "4", "--no-progress"], "mlp_ratio must be a finite"),
+    ("predict", ["--mlp-ratio", "4", "inf", "x.png"], "mlp_ratio must be a finite"),
+    ("summary", ["--mlp-ratio", "inf", "4"], "mlp_ratio must be a finite"),
+    ("train", ["--mlp-ratio", "inf", "4", "--no-progress"], "mlp_ratio must be a finite"),
+    ("train", ["--warmup", "1e308", "--no-progress"], "--warmup/--warmup-epochs: must be a number of epochs"),
+    ("summary", ["--img-size", "100000", "--profile"], "GiB"),
+    ("train", ["--embed-dim", "100000", "--no-progress"], "GiB"),
+])
+def test_item6_overflow_and_memory_errors_are_one_line(tmp_path, module, args, needle):
+    r = subprocess.run([sys.executable, "-m", f"minimixer.{module}", *args], capture_output=True, text=True,
+                       timeout=120, env=env_with_path(), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    one_line_error(r.stderr, needle)
+
+
+def test_item6_memory_error_is_one_line(capsys):
+    def main(argv):
+        np.empty((1 << 30, 1 << 20), np.float64)  # 8 PiB: NumPy's _ArrayMemoryError, on any machine
+    assert cli.run(main, [], prog="minimixer x") == 2
+    one_line_error(capsys.readouterr().err, "minimixer x: error: out of memory: Unable to allocate")
+
+
+def test_item6_non_utf8_file_names(tmp_path):
+    """Under a UTF-8 locale, a weights file and images whose names are not UTF-8: eval writes its
+    results file, predict prints every file (its bytes as \\xNN)."""
+    from minimixer.data import load_digits
+    from PIL import Image
+    d = os.fsencode(tmp_path)
+    weights = d + b"/w\xff.safetensors"
+    with open(os.path.join(ROOT, "minimixer", "assets", "mixer_digits.safetensors"), "rb") as f:
+        open(weights, "wb").write(f.read())
+    images, _ = load_digits()
+    names = [d + b"/digit\xe9\xff.png", d + b"/ok.png", d + b"/z\x80.png"]
+    for i, name in enumerate(names):
+        Image.fromarray((images[i, 0] * 15).astype(np.uint8)).save(name.decode("utf-8", "surrogateescape"))
+    env = env_with_path(LC_ALL="C.UTF-8", LANG="C.UTF-8")
+    env.pop("PYTHONIOENCODING", None)
+    results = d + b"/r\xff.json"
+    r = subprocess.run([sys.executable, "-m", "minimixer.eval", "--weights", weights, "--results-file", results,
+                        "--no-progress"], capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert b"w\\xff.safetensors" in r.stdout and json.loads(open(results, "rb").read())["count"] == 355
+    r = subprocess.run([sys.executable, "-m", "minimixer.predict", "--weights", weights, *names, "-b", "1"],
+                       capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    for shown in (b"digit\\xe9\\xff.png", b"ok.png", b"z\\x80.png"):
+        assert shown in r.stdout, r.stdout
+
+
+# --- item 7: rough edges ----------------------------------------------------------------------------------
+
+def test_item7_out_of_space_names_the_file(tmp_path, monkeypatch):
+    from minimixer.checkpoints import safetensors_io as sio
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(sio.os, "fsync", full)
+    target = tmp_path / "results.json"
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device"):
+        sio.atomic_write_bytes(str(target), b"{}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_item7_wrong_variant_safetensors_is_named_like_pth(tmp_path):
+    from minimixer.checkpoints.convert import load_weights
+    path = tmp_path / "s32.safetensors"
+    mm.save_weights(mm.init_params(mm.get_config("mixer_s32_224", num_blocks=1)), path)
+    with pytest.raises(ValueError) as e:
+        load_weights(path, mm.get_config("mixer_b16_224"))
+    msg = str(e.value)
+    assert "holds a Mixer with 1 blocks, width 512, patch 32" in msg or "holds mixer_s32" in msg, msg
+    assert "the model asked for is mixer_b16_224" in msg and len(msg) < 300, msg
+    full = tmp_path / "s32full.safetensors"
+    mm.save_weights(mm.init_params(mm.get_config("mixer_s32_224")), full)
+    with pytest.raises(ValueError, match=r"holds mixer_s32_224 .*; the model asked for is mixer_b16_224"):
+        load_weights(full, mm.get_config("mixer_b16_224"))
+
+
+def test_item7_labels_directory_is_one_line(tmp_path, capsys):
+    root = tmp_path / "flat"
+    root.mkdir()
+    write_image(root / "a.png", BLUE)
+    color_model(tmp_path / "w.safetensors", 3)
+    assert color_eval(root, tmp_path / "w.safetensors", "--labels", str(tmp_path)) == 2
+    line = one_line_error(capsys.readouterr().err, f"--labels {tmp_path} is a directory")
+    assert "Errno" not in line
+
+
+def test_item7_interrupted_eval_keeps_the_complete_results_file(tmp_path, monkeypatch, capsys):
+    out_file = tmp_path / "r.csv"
+    assert run_eval("--no-progress", "--results-file", str(out_file)) == 0
+    complete = out_file.read_bytes()
+    real = meval.predict
+    calls = []
+
+    def predict(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(meval, "predict", predict)
+    assert run_eval("--no-progress", "--results-file", str(out_file)) == 130
+    assert out_file.read_bytes() == complete
+    partial = (tmp_path / "r.partial.csv").read_text().splitlines()
+    assert dict(zip(partial[0].split(","), partial[1].split(",")))["count"] == "32"
+    assert f"partial results written to {tmp_path / 'r.partial.csv'}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ext", [".json", ".csv"])
+def test_item7_symlinked_results_file_is_written_through(tmp_path, ext):
+    (tmp_path / "real").mkdir()
+    target = tmp_path / "real" / f"results{ext}"
+    target.write_text("old")
+    link = tmp_path / f"link{ext}"
+    link.symlink_to(target)
+    assert run_eval("--no-progress", "--results-file", str(link)) == 0
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert "355" in target.read_text()

@@ -70,6 +70,11 @@ def run(main, argv=None, prog="minimixer"):
             print(f"{prog}: interrupted" + (f" ({signal_name(stopped.signum)})" if stopped.signum else ""),
                   file=sys.stderr)
             return stopped.status(130)
+        except MemoryError as e:  # NumPy's names the size: "Unable to allocate 112. GiB for an array ..."
+            print(f"{prog}: error: out of memory: {str(e) or 'an allocation failed'} (a smaller model, "
+                  "image size or batch?)", file=sys.stderr)
+            distributed.abort(2)
+            return 2
         except (UserError, ValueError, OSError, BackendError, KeyError) as e:
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
             print(f"{prog}: error: {msg}", file=sys.stderr)
@@ -84,6 +89,26 @@ def shown_path(path, stream=None):
     encoding = getattr(stream or sys.stdout, "encoding", None) or "utf-8"
     text = os.fsencode(path).decode("utf-8", "backslashreplace")
     return text.encode(encoding, "backslashreplace").decode(encoding)
+
+
+def physical_memory():
+    """Bytes of memory on this machine, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_fits(cfg, bytes_per_param, what):
+    """A one-line error, before any allocation, when cfg's parameters alone (bytes_per_param each:
+    the float64 initialization, the weights, grads and optimizer moments) exceed this machine's
+    memory: an allocation that large may pass the kernel's overcommit and meet the OOM killer
+    instead of a MemoryError."""
+    from ..config import param_count
+    need, have = param_count(cfg) * bytes_per_param, physical_memory()
+    if have and need > have:
+        raise UserError(f"{what} needs {need / 2**30:.1f} GiB for its parameters alone; this machine has "
+                        f"{have / 2**30:.1f} GiB (a smaller --embed-dim, --img-size or --num-blocks?)")
 
 
 def add_weights_args(p):

@@ -414,6 +414,7 @@ def train(argv):
         print(f"nothing to do: the checkpoint has finished all {settings.epochs} epochs; "
               "give a larger --epochs to train on")
         return 0
+    cli.check_fits(cfg, 32, f"training {run['shown']}")  # float64 init, weights, grads, two moments
     params = to_backend(run["params"](), args.backend)
     skipped = data_info["skipped"]
     images = f"{data_info['train_images']} images"

@@ -53,7 +53,7 @@ SETTING_RULES = {
     "lr": (float, _between(0, math.inf), "must be a finite number >= 0"),
     "min_lr": (float, _between(0, math.inf), "must be a finite number >= 0"),
     "weight_decay": (float, _between(0, math.inf), "must be a finite number >= 0"),
-    "warmup": (float, _between(0, math.inf), "must be a finite number >= 0"),
+    "warmup": (float, _between(0, 1e6, closed_hi=True), "must be a number of epochs in [0, 1e6]"),
     "schedule": (str, lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
     "optimizer": (str, lambda v: v in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
     "momentum": (float, _between(0, 1), "must be in [0, 1)"),
