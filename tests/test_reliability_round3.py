@@ -477,8 +477,8 @@ def test_item6_non_utf8_file_names(tmp_path):
     names = [d + b"/digit\xe9\xff.png", d + b"/ok.png", d + b"/z\x80.png"]
     for i, name in enumerate(names):
         Image.fromarray((images[i, 0] * 15).astype(np.uint8)).save(name.decode("utf-8", "surrogateescape"))
-    env = env_with_path(LC_ALL="C.UTF-8", LANG="C.UTF-8")
-    env.pop("PYTHONIOENCODING", None)
+    # a UTF-8 locale such as en_US.UTF-8 gives stdout strict errors (C.UTF-8 gets surrogateescape)
+    env = env_with_path(LC_ALL="C.UTF-8", LANG="C.UTF-8", PYTHONIOENCODING="utf-8:strict")
     results = d + b"/r\xff.json"
     r = subprocess.run([sys.executable, "-m", "minimixer.eval", "--weights", weights, "--results-file", results,
                         "--no-progress"], capture_output=True, env=env, timeout=120)

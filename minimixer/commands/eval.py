@@ -290,6 +290,14 @@ def main(argv=None):
     row = results_row(args, cfg, dcfg, correct1, correct5, count, n_skipped, seconds)
     if interrupted:
         print(f"interrupted after {count} of {total} images: partial results", file=sys.stderr)
+    # the file before stdout: output that cannot be printed (a closed pipe) must not lose it
+    if args.results_file:
+        if interrupted:
+            write_results(partial_name(args.results_file), row)
+            print(f"partial results written to {cli.shown_path(partial_name(args.results_file), sys.stderr)}; "
+                  f"{cli.shown_path(args.results_file, sys.stderr)} is left as it was", file=sys.stderr)
+        else:
+            write_results(args.results_file, row)
     print(f" * Acc@1 {row['top1']:.3f} ({row['top1_err']:.3f}) Acc@5 {row['top5']:.3f} ({row['top5_err']:.3f})")
     shown = cli.shown_path(os.path.relpath(weights) if os.path.abspath(weights).startswith(os.getcwd() + os.sep)
                            else weights)
@@ -299,13 +307,6 @@ def main(argv=None):
         print(note, file=sys.stderr)
     if left_out:
         print(f"   the folder scan left out {len(left_out)} folder(s) or file(s), named above", file=sys.stderr)
-    if args.results_file:
-        if interrupted:
-            write_results(partial_name(args.results_file), row)
-            print(f"partial results written to {cli.shown_path(partial_name(args.results_file), sys.stderr)}; "
-                  f"{cli.shown_path(args.results_file, sys.stderr)} is left as it was", file=sys.stderr)
-        else:
-            write_results(args.results_file, row)
     return 130 if interrupted else 0
 
 
