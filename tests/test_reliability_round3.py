@@ -560,3 +560,24 @@ def test_item7_symlinked_results_file_is_written_through(tmp_path, ext):
     assert run_eval("--no-progress", "--results-file", str(link)) == 0
     assert link.is_symlink() and os.readlink(link) == str(target)
     assert "355" in target.read_text()
+
+
+def test_item1_train_reads_class_folders_as_timm_and_takes_a_class_map(tmp_path, capsys):
+    from minimixer.commands import train
+    from minimixer.training.loop import load_checkpoint
+    for split in ("train", "val"):
+        natural_folder(tmp_path / "d" / split)
+    assert train.folder_samples(str(tmp_path / "d"))[2] == ["class1", "class2", "class10"]
+    mapfile = tmp_path / "map.txt"
+    mapfile.write_text("class10\nclass2\nclass1\n")
+    train_s, _, _ = train.folder_samples(str(tmp_path / "d"), data.read_class_map(str(mapfile)))
+    assert {os.path.basename(os.path.dirname(p)): label for p, label in train_s} == \
+        {"class10": 0, "class2": 1, "class1": 2}
+    args = [*COLOR_ARGS, "--data", str(tmp_path / "d"), "--out", str(tmp_path / "run"), "-b", "2", "-j", "1",
+            "--epochs", "2", "--no-progress"]
+    assert train_in_process(*args, "--class-map", str(mapfile), "--stop-after", "2") == 0
+    state = load_checkpoint(str(tmp_path / "run" / "checkpoint.safetensors"))
+    assert state["data"]["class_map"] == {"class10": 0, "class2": 1, "class1": 2}
+    # the resumed run reads the folders with the checkpoint's map (else: 'not the images')
+    assert train_in_process("--out", str(tmp_path / "run"), "--resume", "--no-progress") == 0, capsys.readouterr()
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoint.safetensors"))["step"] == 6
