@@ -489,6 +489,10 @@ def test_item6_non_utf8_file_names(tmp_path):
     assert r.returncode == 0, r.stderr.decode(errors="replace")
     for shown in (b"digit\\xe9\\xff.png", b"ok.png", b"z\\x80.png"):
         assert shown in r.stdout, r.stdout
+    run_dir = d + b"/run\xff"  # train prints its folder's name at every stop
+    r = subprocess.run([sys.executable, "-m", "minimixer.train", "--out", run_dir, "--stop-after", "2",
+                        "--no-progress"], capture_output=True, env=env, timeout=120)
+    assert r.returncode == 0 and b"run\\" in r.stdout, r.stderr.decode(errors="replace")
 
 
 # --- item 7: rough edges ----------------------------------------------------------------------------------

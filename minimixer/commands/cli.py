@@ -1,5 +1,6 @@
 """Shared command-line plumbing: one-line errors with exit status 2, and model/config flags."""
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -58,12 +59,35 @@ class _Stopped:
         return 128 + self.signum if code == 130 and self.signum else code
 
 
+@contextlib.contextmanager
+def _printable_stdout():
+    """A safety net under shown_path: while a command runs, text stdout cannot encode (a file name's
+    undecodable bytes, which os.fsdecode made surrogates) is printed as backslash escapes instead of
+    raising UnicodeEncodeError after the work is done."""
+    out = sys.stdout
+    errors = getattr(out, "errors", None)
+    changed = errors == "strict" and hasattr(out, "reconfigure")
+    if changed:
+        try:
+            out.reconfigure(errors="backslashreplace")
+        except (ValueError, OSError):
+            changed = False
+    try:
+        yield
+    finally:
+        if changed:
+            try:
+                out.reconfigure(errors=errors)
+            except (ValueError, OSError):
+                pass
+
+
 def run(main, argv=None, prog="minimixer"):
     """Call main(argv); turn user-facing errors into one line on stderr and exit status 2,
     and Ctrl-C (or SIGTERM, SIGHUP) into one line and exit status 128 + the signal's number.
     A command that has partial results catches KeyboardInterrupt itself, prints them and
     returns 130."""
-    with _Stopped() as stopped:
+    with _Stopped() as stopped, _printable_stdout():
         try:
             return stopped.status(main(argv))
         except KeyboardInterrupt:
