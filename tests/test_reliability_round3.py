@@ -134,7 +134,7 @@ def test_item1_flat_folder_with_a_subfolder_stays_flat(tmp_path, capsys):
     assert color_eval(root, tmp_path / "w.safetensors", "--results-file", str(out_file)) == 0
     row = json.loads(out_file.read_text())
     assert row["count"] == 3 and row["top1"] == 100.0, row
-    assert "subfolder(s) are not read" in capsys.readouterr().err
+    assert "subfolder(s) were not read" in capsys.readouterr().err
     # without a label file: images and subfolders together are an error, not a guess
     (root / "labels.txt").unlink()
     assert color_eval(root, tmp_path / "w.safetensors") == 2

@@ -127,8 +127,8 @@ def build_loader(args, cfg, dcfg, on_error, on_skip=None, notes=None):
         if label_file is None:
             raise cli.UserError(f"{args.data} holds both images and subfolders: pass --labels FILE to evaluate "
                                 "it as a flat folder, or move the images into class folders")
-        print(f"note: {args.data} is a flat folder with the label file {label_file}; its {len(subdirs)} "
-              f"subfolder(s) are not read", file=sys.stderr)
+        notes.append(f"   {args.data} is a flat folder with the label file {label_file}; its {len(subdirs)} "
+                     "subfolder(s) were not read")
     if files:
         if args.class_map:
             raise cli.UserError(f"--class-map names class folders, but {args.data} is a flat folder of images "
