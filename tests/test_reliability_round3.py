@@ -532,6 +532,11 @@ def test_item7_labels_directory_is_one_line(tmp_path, capsys):
     assert color_eval(root, tmp_path / "w.safetensors", "--labels", str(tmp_path)) == 2
     line = one_line_error(capsys.readouterr().err, f"--labels {tmp_path} is a directory")
     assert "Errno" not in line
+    (tmp_path / "m.txt").mkdir()  # the library says so too, for label files and class maps
+    with pytest.raises(ValueError, match="is a directory, not a label file"):
+        data.read_label_file(str(tmp_path), ["a.png"])
+    with pytest.raises(ValueError, match="is a directory, not a class map"):
+        data.read_class_map(str(tmp_path / "m.txt"))
 
 
 def test_item7_interrupted_eval_keeps_the_complete_results_file(tmp_path, monkeypatch, capsys):

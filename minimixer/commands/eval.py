@@ -120,7 +120,7 @@ def build_loader(args, cfg, dcfg, on_error, on_skip=None, notes=None):
     files = sorted(e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and not e.is_dir())
     label_file = args.labels or (next((os.path.join(d, n) for n in LABEL_FILE_NAMES
                                        for d in (args.data, os.path.dirname(os.path.abspath(args.data)))
-                                       if os.path.exists(os.path.join(d, n))), None) if files else None)
+                                       if os.path.isfile(os.path.join(d, n))), None) if files else None)
     # The rule: images directly in DIR make it a flat folder, labelled by a label file; class
     # subfolders are read only when DIR itself holds no image. Never one silently for the other.
     if files and subdirs:

@@ -30,6 +30,8 @@ def read_label_file(path, image_files, wnid_index=None):
             raw = f.read()
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a label file") from None
     try:
         text = raw.decode("utf-8-sig")  # -sig: a leading BOM is not part of the first name
     except UnicodeDecodeError as e:
@@ -118,6 +120,8 @@ def read_class_map(path):
             raw = f.read(CLASS_MAP_LIMIT + 1)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory, not a class map") from None
     if len(raw) > CLASS_MAP_LIMIT:
         raise ValueError(f"{path}: over {CLASS_MAP_LIMIT >> 20} MB: not a class map")
     if ext == ".pkl":
