@@ -39,8 +39,10 @@ class MixerConfig:
             problems.append(f"img_size {img[0]}x{img[1]} is not divisible by patch_size {self.patch_size}: "
                             "Mixer cuts the image into whole, non-overlapping patches")
         ratio = _pair(self.mlp_ratio)
-        if len(ratio) != 2 or not all(isinstance(r, (int, float)) and r > 0 for r in ratio):
-            problems.append(f"mlp_ratio must be a positive number or (token, channel) pair, got {self.mlp_ratio!r}")
+        if len(ratio) != 2 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
+                                      and math.isfinite(r) for r in ratio):
+            problems.append(f"mlp_ratio must be a finite positive number or (token, channel) pair, "
+                            f"got {self.mlp_ratio!r}")
         elif _is_int(self.embed_dim) and self.embed_dim > 0 and min(int(r * self.embed_dim) for r in ratio) < 1:
             problems.append(f"mlp_ratio {self.mlp_ratio!r} times embed_dim {self.embed_dim} leaves an empty hidden layer")
         if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0 and math.isfinite(self.ln_eps)):

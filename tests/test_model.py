@@ -101,7 +101,7 @@ def test_overrides_and_hidden_sizes_use_int_truncation():
     (dict(embed_dim=-8), "embed_dim must be a positive integer"),
     (dict(num_blocks=2.5), "num_blocks must be a positive integer"),
     (dict(img_size=0), "img_size must be a positive"),
-    (dict(mlp_ratio=(0.5, -1)), "mlp_ratio must be a positive"),
+    (dict(mlp_ratio=(0.5, -1)), "mlp_ratio must be a finite positive"),
     (dict(embed_dim=1, mlp_ratio=0.5), "empty hidden layer"),
     (dict(ln_eps=0), "ln_eps must be a positive"),
     (dict(gelu="relu"), "gelu must be one of"),

@@ -12,6 +12,7 @@ of images with a label file.
 import csv
 import io
 import json
+import math
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from ..runtime.allocator import keep_freed_memory
 from ..backend import to_backend, to_numpy, xp_for
 from ..config import param_count
 from ..data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images,
-                   read_label_file, strict_pixel_limit)
+                   read_class_map, read_label_file, strict_pixel_limit)
 from ..fast import predict
 from ..checkpoints.registry import WeightsNotFound, data_config, find_weights, imagenet_classes
 from ..training.metrics import count_correct
@@ -44,6 +45,8 @@ def parse_args(argv):
     p.add_argument("--data", "--data-dir", dest="data", metavar="DIR",
                    help="'digits' (the bundled held-out split; the default) or an image folder")
     p.add_argument("--labels", metavar="FILE", help="label file for a flat image folder")
+    p.add_argument("--class-map", metavar="FILE", help="timm's class map for class folders: a .txt with one "
+                   "folder name per line (its line number is its index) or a .pkl dict")
     p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
     p.add_argument("-b", "--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
@@ -67,14 +70,39 @@ def parse_args(argv):
         p.error("--limit must be >= 1")
     if args.crop_pct is not None and not 0 < args.crop_pct <= 1:
         p.error("--crop-pct must be in (0, 1]")
+    for flag, values, least in (("--mean", args.mean, None), ("--std", args.std, 0)):
+        problem = preprocessing_problem(values, least)
+        if problem:
+            p.error(f"{flag} {' '.join(map(str, values))}: {problem}")
+    if args.data == "digits":
+        given = [f for f, v in (("--mean", args.mean), ("--std", args.std), ("--crop-pct", args.crop_pct),
+                                ("--interpolation", args.interpolation)) if v is not None]
+        if given:
+            p.error(f"{'/'.join(given)}: the digits are 8x8 arrays, normalized as the digits model was trained "
+                    "(mean 0.5, std 0.5), not images to resize; these flags apply to image folders (--data DIR)")
+    if args.labels and os.path.isdir(args.labels):
+        p.error(f"--labels {args.labels} is a directory; it takes a label file")
     if args.results_file and not args.results_file.endswith((".json", ".csv")):
         p.error("--results-file must end in .json or .csv")
     return args
 
 
-def build_loader(args, cfg, dcfg, on_error, on_skip=None):
+def preprocessing_problem(values, above=None):
+    """What is wrong with --mean or --std values (NaN, Inf, and for --std anything <= 0), or None."""
+    if values is None:
+        return None
+    if not all(math.isfinite(v) for v in values):
+        return "every value must be a finite number"
+    if above is not None and not all(v > above for v in values):
+        return f"every value must be > {above} (images are divided by it)"
+    return None
+
+
+def build_loader(args, cfg, dcfg, on_error, on_skip=None, notes=None):
     """(loader, number of images) for --data. on_skip(path, reason) hears of what the folder
-    scan left out (unreadable folders, links to folders already read, non-regular files)."""
+    scan left out (unreadable folders, links to folders already read, non-regular files);
+    notes (a list) gets lines for the end of the report."""
+    notes = [] if notes is None else notes
     if args.data == "digits":
         if (cfg.in_chans, *cfg.image_hw) != (1, 8, 8):
             raise cli.UserError(f"the digits are 1x8x8 images; --model {args.model} takes "
@@ -87,21 +115,24 @@ def build_loader(args, cfg, dcfg, on_error, on_skip=None):
     if len(dcfg.mean) != cfg.in_chans or len(dcfg.std) != cfg.in_chans:
         raise cli.UserError(f"--mean/--std need {cfg.in_chans} values for this model")
     wnid_index = {wnid: i for i, (wnid, _) in enumerate(imagenet_classes())} if cfg.num_classes == 1000 else None
-    subdirs = [e.name for e in os.scandir(args.data) if e.is_dir() and not e.name.startswith(".")]
-    if subdirs and not args.labels:
-        samples, classes = find_images(args.data, on_skip)
-        check_wnid_folders(args.data, classes, wnid_index)
-        if wnid_index and all(c in wnid_index for c in classes):  # ImageNet folders: wnid -> ImageNet index
-            samples = [(path, wnid_index[classes[i]]) for path, i in samples]
-        elif len(classes) > cfg.num_classes:
-            raise cli.UserError(f"{args.data} has {len(classes)} class folders but the model has {cfg.num_classes} classes")
-    else:
-        files = sorted(f for f in os.listdir(args.data) if f.lower().endswith(IMG_EXTENSIONS))
-        if not files:
-            raise cli.UserError(f"{args.data}: no class subfolders and no images")
-        label_file = args.labels or next((os.path.join(d, n) for n in LABEL_FILE_NAMES
-                                          for d in (args.data, os.path.dirname(os.path.abspath(args.data)))
-                                          if os.path.exists(os.path.join(d, n))), None)
+    entries = list(os.scandir(args.data))
+    subdirs = [e.name for e in entries if e.is_dir() and not e.name.startswith(".")]
+    files = sorted(e.name for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and not e.is_dir())
+    label_file = args.labels or (next((os.path.join(d, n) for n in LABEL_FILE_NAMES
+                                       for d in (args.data, os.path.dirname(os.path.abspath(args.data)))
+                                       if os.path.isfile(os.path.join(d, n))), None) if files else None)
+    # The rule: images directly in DIR make it a flat folder, labelled by a label file; class
+    # subfolders are read only when DIR itself holds no image. Never one silently for the other.
+    if files and subdirs:
+        if label_file is None:
+            raise cli.UserError(f"{args.data} holds both images and subfolders: pass --labels FILE to evaluate "
+                                "it as a flat folder, or move the images into class folders")
+        notes.append(f"   {args.data} is a flat folder with the label file {label_file}; its {len(subdirs)} "
+                     "subfolder(s) were not read")
+    if files:
+        if args.class_map:
+            raise cli.UserError(f"--class-map names class folders, but {args.data} is a flat folder of images "
+                                "(its labels come from the label file)")
         if label_file is None:
             raise cli.UserError(f"{args.data} is a flat folder of images: pass --labels FILE "
                                 "(LOC_val_solution.csv, 'filename label' lines, or one label per line)")
@@ -110,6 +141,30 @@ def build_loader(args, cfg, dcfg, on_error, on_skip=None):
         if bad:
             raise cli.UserError(f"{label_file}: label {bad[0]} is outside the model's {cfg.num_classes} classes")
         samples = [(os.path.join(args.data, f), v) for f, v in zip(files, labels)]
+    elif not subdirs:
+        raise cli.UserError(f"{args.data}: no class subfolders and no images")
+    elif args.labels:
+        raise cli.UserError(f"--labels {args.labels}: {args.data} holds no image itself (only class "
+                            "subfolders); a label file is for a flat folder of images")
+    else:
+        class_map = read_class_map(args.class_map) if args.class_map else None
+        samples, classes = find_images(args.data, on_skip, class_map)
+        empty = [c for c in subdirs if c not in classes and (class_map is None or c in class_map)]
+        if empty:
+            notes.append(f"   {len(empty)} folder(s) hold no image and are not classes (as in timm): "
+                         + ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else ""))
+        if class_map is not None:
+            top = max(label for _, label in samples)
+            if top >= cfg.num_classes:
+                raise cli.UserError(f"--class-map {args.class_map}: index {top} is outside the model's "
+                                    f"{cfg.num_classes} classes")
+        else:
+            check_wnid_folders(args.data, classes, wnid_index)
+            if wnid_index and all(c in wnid_index for c in classes):  # ImageNet folders: wnid -> ImageNet index
+                samples = [(path, wnid_index[classes[i]]) for path, i in samples]
+            elif len(classes) > cfg.num_classes:
+                raise cli.UserError(f"{args.data} has {len(classes)} class folders but the model has "
+                                    f"{cfg.num_classes} classes")
     samples = distributed.shard(samples[:args.limit])  # this rank's share (all of it on one process)
     size = cfg.image_hw[0]
     transform = eval_transform(size, crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
@@ -148,7 +203,20 @@ def results_row(args, cfg, dcfg, correct1, correct5, count, skipped, seconds):
             "count": count, "skipped": skipped, "img_per_sec": round(count / max(seconds, 1e-9), 2)}
 
 
+def partial_name(path):
+    """Where an interrupted run's results go: F.partial.json for F.json, so a complete results
+    file is never replaced by a partial row that nothing marks as partial."""
+    stem, ext = os.path.splitext(path)
+    return f"{stem}.partial{ext}"
+
+
+def results_target(path):
+    """The file to write: a symbolic link's target (written through, not replaced by a file)."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
 def write_results(path, row):
+    path = results_target(path)
     if path.endswith(".json"):
         data = json.dumps(row, indent=2).encode()
     else:
@@ -163,7 +231,7 @@ def write_results(path, row):
 def main(argv=None):
     args = parse_args(argv)
     if args.results_file:
-        check_writable(args.results_file)  # now, not after the whole evaluation
+        check_writable(results_target(args.results_file))  # now, not after the whole evaluation
     cfg = cli.config_from_args(args)
     dcfg = data_config(args.model, args.weights, mean=args.mean, std=args.std, crop_pct=args.crop_pct,
                        interpolation=args.interpolation)
@@ -180,7 +248,8 @@ def main(argv=None):
         left_out.append(path)
         print(f"skipping {path}: {reason}", file=sys.stderr)
 
-    loader, total = build_loader(args, cfg, dcfg, on_error, on_skip)
+    notes = []
+    loader, total = build_loader(args, cfg, dcfg, on_error, on_skip, notes)
     try:
         weights = find_weights(args.model, args.weights)
     except WeightsNotFound as e:
@@ -222,14 +291,23 @@ def main(argv=None):
     row = results_row(args, cfg, dcfg, correct1, correct5, count, n_skipped, seconds)
     if interrupted:
         print(f"interrupted after {count} of {total} images: partial results", file=sys.stderr)
+    # the file before stdout: output that cannot be printed (a closed pipe) must not lose it
+    if args.results_file:
+        if interrupted:
+            write_results(partial_name(args.results_file), row)
+            print(f"partial results written to {cli.shown_path(partial_name(args.results_file), sys.stderr)}; "
+                  f"{cli.shown_path(args.results_file, sys.stderr)} is left as it was", file=sys.stderr)
+        else:
+            write_results(args.results_file, row)
     print(f" * Acc@1 {row['top1']:.3f} ({row['top1_err']:.3f}) Acc@5 {row['top5']:.3f} ({row['top5_err']:.3f})")
-    shown = os.path.relpath(weights) if os.path.abspath(weights).startswith(os.getcwd() + os.sep) else weights
+    shown = cli.shown_path(os.path.relpath(weights) if os.path.abspath(weights).startswith(os.getcwd() + os.sep)
+                           else weights)
     print(f"   {args.model}  weights {shown}  images {count}  skipped {n_skipped}  "
           f"params {row['param_count']}M  {row['img_per_sec']:.1f} img/s  backend {args.backend}")
+    for note in notes:
+        print(note, file=sys.stderr)
     if left_out:
         print(f"   the folder scan left out {len(left_out)} folder(s) or file(s), named above", file=sys.stderr)
-    if args.results_file:
-        write_results(args.results_file, row)
     return 130 if interrupted else 0
 
 

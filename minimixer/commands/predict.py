@@ -54,7 +54,7 @@ def json_number(x):
 
 
 def print_text(r):
-    print(r["file"])
+    print(cli.shown_path(r["file"]))  # any bytes in a file name, not a UnicodeEncodeError
     for rank, t in enumerate(r["topk"], 1):
         prob = f"{t['prob']:7.2%}" if t["prob"] is not None else "    nan"
         print(f"  {rank}. {prob}  {t['label']}  ({t['index']})", flush=True)

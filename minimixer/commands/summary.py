@@ -226,6 +226,7 @@ def main(argv=None):
     shown = by_block(rows) if args.depth == 1 else rows
     prof = None
     if args.profile:
+        cli.check_fits(cfg, 24, f"--profile of {args.model}")  # params, grads, float64 init
         prof = profile(cfg, batch_size=args.batch_size, backend=args.backend, dtype=args.dtype,
                        repeats=args.repeats)
     if args.json:

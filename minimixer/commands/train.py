@@ -26,14 +26,15 @@ from ..runtime import distributed
 from ..runtime.allocator import keep_freed_memory
 from ..backend import to_backend, xp_for
 from ..config import param_shapes
-from ..data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, open_image, train_transform
+from ..data import (ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, open_image, read_class_map,
+                    train_transform)
 from ..optim import SCHEDULES
 from ..params import init_params
 from ..training.transfer import describe_frozen, frozen_names, reset_head
 from ..checkpoints.convert import check_numerics, read_checkpoint
 from ..training.loop import OPTIMIZERS, SETTING_RULES, Interrupted, TrainSettings, fit, load_checkpoint, setting_problem
 from ..checkpoints.resize import fit_to, resized_config
-from ..checkpoints.safetensors_io import check_state_dict
+from ..checkpoints.safetensors_io import check_state_dict, check_writable
 from ..checkpoints.preprocessing import DataConfig
 
 PROG = "python -m minimixer.train"
@@ -42,7 +43,7 @@ EVAL_KWARGS = {k: v for k, v in asdict(EVAL_DATA).items() if k != "pipeline"}
 DEFAULT_MODEL = "mixer_digits"
 # Flags a resumed run may give with a value other than the checkpoint's: --epochs re-plans the
 # schedule (as timm's --epochs does on resume); the others do not change what a step computes.
-MAY_CHANGE_ON_RESUME = ("epochs", "data", "out", "resume", "backend", "workers", "stop_after", "no_progress")
+MAY_CHANGE_ON_RESUME = ("epochs", "data", "class_map", "out", "resume", "backend", "workers", "stop_after", "no_progress")
 
 
 def setting_type(name):
@@ -84,6 +85,8 @@ def build_parser():
 
     add(p, "--data", help="'digits' (bundled, the default) or DIR with train/ and val/ class folders; "
                           "on --resume, the checkpoint's data")
+    add(p, "--class-map", metavar="FILE", help="timm's class map for the class folders (.txt, one name per line, "
+                                              "or .pkl); on --resume, the checkpoint's")
     d = TrainSettings()
     g = p.add_argument_group("training (timm's spellings are accepted too)")
     for names, dest, help in [
@@ -131,15 +134,16 @@ def parse_args(argv):
 
 # --- data ------------------------------------------------------------------------------------
 
-def folder_samples(data):
-    """DIR/train and DIR/val in ImageFolder layout: (train samples, val samples, class names)."""
+def folder_samples(data, class_map=None):
+    """DIR/train and DIR/val in ImageFolder layout: (train samples, val samples, class names).
+    Class indices as timm's (natural order, folders with images), or from class_map {name: index}."""
     if not os.path.isdir(data):
         raise cli.UserError(f"--data: no such directory: {data}")
     train_dir, val_dir = os.path.join(data, "train"), os.path.join(data, "val")
     if not (os.path.isdir(train_dir) and os.path.isdir(val_dir)):
         raise cli.UserError(f"--data {data}: expected train/ and val/ subfolders in ImageFolder layout")
-    train_samples, classes = find_images(train_dir)
-    val_samples, val_classes = find_images(val_dir)
+    train_samples, classes = find_images(train_dir, class_map=class_map)
+    val_samples, val_classes = find_images(val_dir, class_map=class_map)
     if val_classes != classes:
         raise cli.UserError(f"--data {data}: train/ and val/ have different class folders")
     return train_samples, val_samples, classes
@@ -166,7 +170,7 @@ def readable(samples, workers, what):
     return [s for s, p in zip(samples, problems) if p is None], sum(p is not None for p in problems)
 
 
-def make_loaders(data, cfg, settings, workers, folder=None):
+def make_loaders(data, cfg, settings, workers, folder=None, class_map=None):
     """(train_loader, test_loader, class names, data info). The info (source, image counts, skipped
     images, a sha256 of the samples) goes into the checkpoint, so a resume can check its data."""
     if data == "digits":
@@ -182,7 +186,7 @@ def make_loaders(data, cfg, settings, workers, folder=None):
                 "preprocessing": "digits", "classes": [str(i) for i in range(10)]}  # for model.safetensors
         return (ArrayLoader(x_train, y_train, settings.batch_size, shuffle=True, seed=settings.seed),
                 ArrayLoader(x_test, y_test, 256), [str(i) for i in range(10)], info)
-    train_samples, val_samples, classes = folder or folder_samples(data)
+    train_samples, val_samples, classes = folder or folder_samples(data, class_map)
     if cfg.in_chans != 3 or cfg.image_hw[0] != cfg.image_hw[1]:
         raise cli.UserError("image folders need a model with 3 input channels and a square img_size")
     train_used, train_skipped = readable(train_samples, workers, "training")
@@ -200,6 +204,8 @@ def make_loaders(data, cfg, settings, workers, folder=None):
             "skipped": {"train": train_skipped, "test": val_skipped},
             "sha256": hashlib.sha256(listing.encode()).hexdigest(),
             "preprocessing": asdict(EVAL_DATA), "classes": classes}  # for model.safetensors
+    if class_map is not None:
+        info["class_map"] = class_map  # a resumed run reads the folders with it again
     size = cfg.image_hw[0]
 
     def named(path, e):  # an image that decoded at start-up but not now
@@ -272,6 +278,71 @@ def resume_conflict(args, spellings, state, path):
     return None
 
 
+# --- the output folder -------------------------------------------------------------------------
+
+LOCK_NAME = ".lock"
+_held = []  # (path, fd, folder created) of this process's locks: closing the fd releases the lock
+
+
+def lock_out(out):
+    """Create --out, check that it can be written, and lock it while the command runs (fcntl.flock
+    on OUT/.lock, which the kernel releases when the process ends, however it ends), so a second
+    training into the same folder stops at once instead of mixing checkpoints."""
+    created = not os.path.lexists(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise cli.UserError(f"--out {out}: cannot create this folder ({e.strerror or e})") from None
+    if not os.path.isdir(out):
+        raise cli.UserError(f"--out {out}: not a folder")
+    path = os.path.join(out, LOCK_NAME)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the write check alone
+        fcntl = None
+    for _ in range(10):
+        try:
+            check_writable(os.path.join(out, "checkpoint.safetensors"))
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise cli.UserError(f"--out {out}: cannot write in this folder ({e.strerror or e})") from None
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            raise cli.UserError(f"--out {out}: another training is writing into this folder"
+                                + (f" (process {holder})" if holder.isdigit() else "")
+                                + "; wait for it to end, or give another --out") from None
+        try:  # the lock is ours if the file is still the one at `path` (its last holder removes it)
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            _held.append((path, fd, created))
+            return
+        os.close(fd)
+    raise cli.UserError(f"--out {out}: could not lock {path}")
+
+
+def unlock_out():
+    """Remove the lock file, then release the lock (a waiter that opened the removed file sees so);
+    a folder that lock_out created and nothing was written into goes too."""
+    while _held:
+        path, fd, created = _held.pop()
+        try:
+            os.unlink(path)
+            if created:
+                os.rmdir(os.path.dirname(path))  # fails, as it should, unless empty
+        except OSError:
+            pass
+        os.close(fd)
+
+
 # --- main --------------------------------------------------------------------------------------
 
 def main(argv=None):
@@ -280,10 +351,12 @@ def main(argv=None):
         return train(argv)
     except Interrupted as e:
         print(f"{PROG}: {e}", file=sys.stderr)
-        return 130
+        return 128 + (getattr(e, "signum", None) or 2)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
+    finally:
+        unlock_out()  # the lock ends with the command (in-process callers may train again)
 
 
 def resumed_run(args, spellings, out):
@@ -307,18 +380,21 @@ def resumed_run(args, spellings, out):
         raise cli.UserError(f"--data: the checkpoint's data folder {data} is gone; give --data")
     model = resume["model"] or f"the checkpoint's Mixer ({cfg.num_blocks} blocks, width {cfg.embed_dim})"
     print(f"resuming from {path} at step {resume['step']}: {model}")
+    class_map = read_class_map(args.class_map) if args.class_map else (resume["data"] or {}).get("class_map")
     return dict(cfg=cfg, settings=settings, params=lambda: resume["params"], model=resume["model"], shown=model,
-                data=data, folder=None, resume=resume, notes=notes)
+                data=data, folder=None, resume=resume, notes=notes, class_map=class_map)
 
 
 def fresh_run(args, out):
     """A new run from the flags: settings, config (classes counted from an image folder), params."""
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in fields(TrainSettings)
                                 if getattr(args, f.name) is not None})
-    data, folder, data_classes, notes = args.data or "digits", None, None, []
+    data, folder, data_classes, class_map, notes = args.data or "digits", None, None, None, []
     if data != "digits":
-        folder = folder_samples(data)
-        data_classes = len(folder[2]) if args.num_classes is None else None
+        class_map = read_class_map(args.class_map) if args.class_map else None
+        folder = folder_samples(data, class_map)
+        if args.num_classes is None:
+            data_classes = max(class_map.values()) + 1 if class_map else len(folder[2])
     args.model = args.model or DEFAULT_MODEL
     cfg = cli.config_from_args(args, **({"num_classes": data_classes} if data_classes else {}))
     dtype = args.dtype or "float32"
@@ -339,7 +415,7 @@ def fresh_run(args, out):
         notes.append(f"note: starting afresh; the checkpoint in {out} is replaced after the first epoch "
                      "(--resume continues it instead)")
     return dict(cfg=cfg, settings=settings, params=params, model=args.model, shown=args.model, data=data,
-                folder=folder, resume=None, notes=notes)
+                folder=folder, resume=None, notes=notes, class_map=class_map)
 
 
 def check_resumed_data(resume, data, info, steps_per_epoch, settings):
@@ -363,16 +439,26 @@ def train(argv):
     if not distributed.is_root():  # under mpiexec, rank 0 alone reports
         sys.stdout, args.no_progress = open(os.devnull, "w"), True
     out = args.out or os.path.join("runs", args.model or DEFAULT_MODEL)
+    if distributed.is_root():
+        lock_out(out)  # before the data is read: a read-only or busy --out is known at once
     run = resumed_run(args, spellings, out) if args.resume else fresh_run(args, out)
     cfg, settings, data = run["cfg"], run["settings"], run["data"]
-    train_loader, test_loader, classes, data_info = make_loaders(data, cfg, settings, args.workers, run["folder"])
-    if len(classes) > cfg.num_classes:
+    if data == "digits" and args.class_map:
+        raise cli.UserError("--class-map names class folders; the digits have none (give --data DIR)")
+    train_loader, test_loader, classes, data_info = make_loaders(data, cfg, settings, args.workers, run["folder"],
+                                                                 run["class_map"])
+    if run["class_map"] is not None:
+        top = max(run["class_map"][c] for c in classes)
+        if top >= cfg.num_classes:
+            raise cli.UserError(f"--class-map: index {top} is outside the model's {cfg.num_classes} classes")
+    elif len(classes) > cfg.num_classes:
         raise cli.UserError(f"the data has {len(classes)} classes but the model only {cfg.num_classes}")
     steps_per_epoch = len(train_loader)
     if run["resume"] and check_resumed_data(run["resume"], data, data_info, steps_per_epoch, settings):
         print(f"nothing to do: the checkpoint has finished all {settings.epochs} epochs; "
               "give a larger --epochs to train on")
         return 0
+    cli.check_fits(cfg, 32, f"training {run['shown']}")  # float64 init, weights, grads, two moments
     params = to_backend(run["params"](), args.backend)
     skipped = data_info["skipped"]
     images = f"{data_info['train_images']} images"

@@ -1,7 +1,7 @@
 """python -m minimixer.weights download NAME | list | convert SRC | resize SRC --img-size S: Mixer weights.
 
     python -m minimixer.weights list
-    python -m minimixer.weights download mixer_b16_224 --to weights/    # checked: docs/reliability-downloads.md
+    python -m minimixer.weights download mixer_b16_224 --to weights/    # checked: docs/reliability.md
     python -m minimixer.weights convert mixer-base-p16_3rdparty_64xb64_in1k_20211124-1377e3e0.pth \\
         --out weights/mixer_b16_224.mmpretrain.safetensors
     python -m minimixer.weights resize weights/mixer_s32_224.safetensors --img-size 448 --out s32_448.safetensors

@@ -55,7 +55,7 @@ SETTING_RULES = {
     "lr": (float, _between(0, math.inf), "must be a finite number >= 0"),
     "min_lr": (float, _between(0, math.inf), "must be a finite number >= 0"),
     "weight_decay": (float, _between(0, math.inf), "must be a finite number >= 0"),
-    "warmup": (float, _between(0, math.inf), "must be a finite number >= 0"),
+    "warmup": (float, _between(0, 1e6, closed_hi=True), "must be a number of epochs in [0, 1e6]"),
     "schedule": (str, lambda v: v in SCHEDULES, f"must be one of {', '.join(SCHEDULES)}"),
     "optimizer": (str, lambda v: v in OPTIMIZERS, f"must be one of {', '.join(OPTIMIZERS)}"),
     "momentum": (float, _between(0, 1), "must be in [0, 1)"),
@@ -387,28 +387,36 @@ OUTPUT_FILES = ("checkpoint.safetensors", "model.safetensors", "metrics.json", "
 # --- the loop ------------------------------------------------------------------------------
 
 class _StopRequest:
-    """Ctrl-C sets a flag that the loop checks between steps, so an update is never cut in half.
-    A second Ctrl-C interrupts at once."""
+    """Ctrl-C, SIGTERM or SIGHUP sets a flag that the loop checks between steps, so an update is
+    never cut in half (schedulers, `docker stop` and closed terminals send the other two). A second
+    one interrupts at once. The Interrupted that leaves carries .signum, the signal received."""
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
 
     def __init__(self, message):
         self.requested = False
         self.message = message
+        self.signum = None
 
     def __enter__(self):
-        try:
-            self.previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread: leave signals alone
-            self.previous = None
+        self.previous = {}
+        for s in self.SIGNALS:
+            try:
+                self.previous[s] = signal.signal(s, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                break
         return self
 
     def _handler(self, signum, frame):
+        self.signum = signum
         if self.requested:
             raise Interrupted(self.message())
         self.requested = True
 
-    def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+    def __exit__(self, kind, exc, tb):
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
+        if isinstance(exc, Interrupted):
+            exc.signum = self.signum
 
 
 @contextmanager
