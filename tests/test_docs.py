@@ -87,7 +87,7 @@ def help_text(argv, capsys):
     return capsys.readouterr().out
 
 
-SUBCOMMANDS = {"weights": ["download", "list", "convert"], "coursework": ["release", "grade"]}
+SUBCOMMANDS = {"weights": ["download", "list", "convert", "resize"], "coursework": ["release", "grade", "gradescope"]}
 
 
 @pytest.mark.parametrize("name", sorted(COMMANDS))
