@@ -344,7 +344,7 @@ def mean_pool_backward(dout, cache):
 # ----------------------------------------------------------------------------
 # regularizers, active only in training (when a NumPy Generator `rng` is passed)
 
-def _keep_mask(shape, rate, rng, like):
+def keep_mask(shape, rate, rng, like):
     """Bernoulli(1 - rate) keep mask divided by (1 - rate), drawn on the host so that
     NumPy and CuPy runs see the same random numbers."""
     keep = 1.0 - rate
@@ -358,7 +358,7 @@ def dropout_forward(x, rate, rng=None):
     """
     if rng is None or rate == 0.0:
         return x, (None,)
-    mask = _keep_mask(x.shape, rate, rng, x)  # (...)
+    mask = keep_mask(x.shape, rate, rng, x)  # (...)
     return x * mask, (mask,)
 
 
@@ -375,7 +375,7 @@ def drop_path_forward(x, rate, rng=None):
     """
     if rng is None or rate == 0.0:
         return x, (None,)
-    mask = _keep_mask((x.shape[0],) + (1,) * (x.ndim - 1), rate, rng, x)  # (B, 1, ...)
+    mask = keep_mask((x.shape[0],) + (1,) * (x.ndim - 1), rate, rng, x)  # (B, 1, ...)
     return x * mask, (mask,)
 
 

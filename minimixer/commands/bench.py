@@ -163,7 +163,7 @@ def minimixer_side(args, cfg, params_np, x_np, y_np):
         if args.path == "fast":
             logits, cache = fast.forward(params, x, cfg)
             _, dlogits = softmax_cross_entropy(logits, y)
-            grads, _ = fast.backward(dlogits, cache)
+            _, grads = fast.backward(dlogits, cache)
         else:
             logits, cache = model.mixer_forward(params, x, cfg)
             _, dlogits = softmax_cross_entropy(logits, y)

@@ -132,7 +132,7 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
     if len(y):
         logits, cache = fast.forward(params, x, cfg, drop_path_rate=drop_path, drop_rate=dropout, rng=rng)
         loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=label_smoothing)
-        grads, _ = fast.backward(dlogits, cache)
+        _, grads = fast.backward(dlogits, cache)
     else:  # more ranks than rows in this batch
         loss, grads = 0.0, {k: get_xp(v).zeros_like(v) for k, v in params.items()}
     loss = distributed.allreduce_mean(grads, loss, len(y), total)  # the global batch's mean loss and gradients
