@@ -19,13 +19,12 @@ import time
 from . import cli
 from ..runtime import distributed
 from ..runtime.allocator import keep_freed_memory
-from ..backend import to_backend, to_numpy, xp_for
+from ..backend import xp_for
 from ..config import param_count
 from ..data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images,
                    read_label_file, strict_pixel_limit)
-from ..fast import predict
 from ..checkpoints.registry import WeightsNotFound, data_config, find_weights, imagenet_classes
-from ..training.metrics import count_correct
+from ..training.metrics import Tally, evaluate
 from ..checkpoints.convert import load_weights
 from ..checkpoints.safetensors_io import atomic_write_bytes, check_writable
 
@@ -191,25 +190,22 @@ def main(argv=None):
     if not args.no_progress and distributed.is_root():
         from tqdm import tqdm
         bar = tqdm(total=total, unit="img", desc=f"eval {args.model}", dynamic_ncols=True, file=sys.stderr)
-    correct1 = correct5 = count = 0
-    interrupted = False
+    def show(t):
+        bar.update(t.count + len(skipped) - bar.n)  # skipped images are done too
+        bar.set_postfix(acc1=f"{100 * t.correct1 / t.count:.2f}", acc5=f"{100 * t.correct5 / t.count:.2f}")
+
+    tally, interrupted = Tally(), False
     start = time.perf_counter()
     try:
-        for x, y in loader.batches():
-            logits = to_numpy(predict(params, to_backend(x, args.backend), cfg))
-            hits1, hits5 = count_correct(logits, y)
-            correct1, correct5, count = correct1 + hits1, correct5 + hits5, count + len(y)
-            if bar is not None:
-                bar.update(count + len(skipped) - bar.n)  # skipped images are done too
-                bar.set_postfix(acc1=f"{100 * correct1 / count:.2f}", acc5=f"{100 * correct5 / count:.2f}")
+        evaluate(params, cfg, loader.batches(), args.backend, tally=tally, on_batch=None if bar is None else show)
     except KeyboardInterrupt:
         interrupted = True
     seconds = time.perf_counter() - start
     if bar is not None:
-        bar.update(count + len(skipped) - bar.n)
+        bar.update(tally.count + len(skipped) - bar.n)
         bar.close()
     correct1, correct5, count, total, n_skipped, interrupted = distributed.sum_counts(
-        correct1, correct5, count, total, len(skipped), interrupted)  # over all ranks
+        tally.correct1, tally.correct5, tally.count, total, len(skipped), interrupted)  # over all ranks
     if not distributed.is_root():
         return 130 if interrupted else 0
 

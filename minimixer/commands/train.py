@@ -29,7 +29,9 @@ from ..config import param_shapes
 from ..data import ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, open_image, train_transform
 from ..optim import SCHEDULES
 from ..params import init_params
-from ..training.loop import OPTIMIZERS, SETTING_RULES, Interrupted, TrainSettings, fit, load_checkpoint, setting_problem
+from ..training.loop import Interrupted, fit
+from ..training.settings import OPTIMIZERS, SETTING_RULES, TrainSettings, setting_problem
+from ..checkpoints.training_state import load_training_state
 from ..checkpoints.safetensors_io import check_state_dict, read_safetensors
 
 PROG = "python -m minimixer.train"
@@ -269,7 +271,7 @@ def resumed_run(args, spellings, out):
     path = os.path.join(out, "checkpoint.safetensors") if args.resume == "auto" else args.resume
     if not os.path.exists(path):
         raise cli.UserError(f"--resume: no checkpoint at {path}")
-    resume = load_checkpoint(path)
+    resume = load_training_state(path)
     conflict = resume_conflict(args, spellings, resume, path)
     if conflict:
         raise cli.UserError(conflict)
