@@ -19,7 +19,7 @@ import time
 from . import cli
 from ..runtime import distributed
 from ..runtime.allocator import keep_freed_memory
-from ..backend import xp_for
+from ..backend import BACKENDS, xp_for
 from ..config import param_count
 from ..data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images,
                    read_label_file, strict_pixel_limit)
@@ -30,11 +30,12 @@ from ..checkpoints.safetensors_io import atomic_write_bytes, check_writable
 
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                   "interpolation", "count", "skipped", "img_per_sec"]
+PROG = "python -m minimixer.eval"
 LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt")
 
 
-def parse_args(argv):
-    p = cli.ArgumentParser(prog="python -m minimixer.eval", description=__doc__.split("\n")[0])
+def parse_args(argv, prog=PROG):
+    p = cli.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     # timm's validate.py spellings are the same options (one definition each): DIR or
     # --data-dir, -b, -j, --checkpoint
     p.add_argument("data_dir", nargs="?", metavar="DIR", help="the data, as timm takes it: the same as --data DIR")
@@ -43,7 +44,7 @@ def parse_args(argv):
     p.add_argument("--data", "--data-dir", dest="data", metavar="DIR",
                    help="'digits' (the bundled held-out split; the default) or an image folder")
     p.add_argument("--labels", metavar="FILE", help="label file for a flat image folder")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
     p.add_argument("-b", "--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("-j", "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
@@ -159,8 +160,8 @@ def write_results(path, row):
     atomic_write_bytes(path, data)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=PROG):
+    args = parse_args(argv, prog)
     if args.results_file:
         check_writable(args.results_file)  # now, not after the whole evaluation
     cfg = cli.config_from_args(args)
@@ -211,7 +212,7 @@ def main(argv=None):
 
     if count == 0:  # no accuracy to report: an error (or Ctrl-C), never a result of 0%
         if interrupted:
-            print("python -m minimixer.eval: interrupted before any image was evaluated: no results", file=sys.stderr)
+            print(f"{prog}: interrupted before any image was evaluated: no results", file=sys.stderr)
             return 130
         raise cli.UserError(f"no images were evaluated: all {total} could not be read (see above)")
     row = results_row(args, cfg, dcfg, correct1, correct5, count, n_skipped, seconds)
@@ -228,6 +229,6 @@ def main(argv=None):
     return 130 if interrupted else 0
 
 
-def command(argv=None, prog="python -m minimixer.eval"):
+def command(argv=None, prog=PROG):
     """Run the command as its shell would: exit status, errors as one line."""
-    return cli.run(main, argv, prog=prog)
+    return cli.run(lambda a: main(a, prog), argv, prog=prog)

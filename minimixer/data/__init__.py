@@ -20,7 +20,6 @@ from ..checkpoints.safetensors_io import open_regular_file
 # --- the 8x8 digits ------------------------------------------------------------------
 
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
-DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
 def load_digits():
