@@ -16,7 +16,7 @@ from minimixer import coursework, fast, layers, optim
 from minimixer.coursework import exercises
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coursework_attacks import ATTACKS, LAYER_EXERCISES, replace_function  # noqa: E402
+from support.coursework_attacks import ATTACKS, LAYER_EXERCISES, replace_function  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234  # a "private" seed for the graded runs in these tests

@@ -1,7 +1,7 @@
 """CuPy against NumPy, layer by layer, for the whole model, and for the fast path (minimixer/fast/).
 
 Each test runs twice: on a GPU with real CuPy (skipped without a usable one), and on
-tests/fake_cupy.py, a NumPy-backed stand-in that refuses implicit host conversion, so the
+tests/support/fake_cupy.py, a NumPy-backed stand-in that refuses implicit host conversion, so the
 default run checks the CuPy code paths too (not the CUDA kernels: tests/test_nvrtc.py compiles
 those; only a GPU runs them). The NumPy passes are gradient-checked in test_layers.py; here
 every forward output and every gradient computed on the device must equal NumPy's.
@@ -9,10 +9,10 @@ every forward output and every gradient computed on the device must equal NumPy'
 import numpy as np
 import pytest
 
-import fake_cupy
+from support import fake_cupy
 import minimixer as mm
 from conftest import CUPY_OK
-from helpers import assert_all_close, assert_grads_close
+from support.helpers import assert_all_close, assert_grads_close
 from minimixer import fast
 from minimixer import layers as L
 from minimixer.erf import erf

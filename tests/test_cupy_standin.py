@@ -1,4 +1,4 @@
-"""The CuPy code paths of the commands, run on tests/fake_cupy.py (a NumPy-backed stand-in, NOT a GPU).
+"""The CuPy code paths of the commands, run on tests/support/fake_cupy.py (a NumPy-backed stand-in, NOT a GPU).
 
 What this proves: no host/device mix anywhere (the stand-in's arrays refuse implicit host
 conversion), a fixed, small number of device-to-host syncs per training step whatever the
@@ -13,10 +13,10 @@ import os
 import numpy as np
 import pytest
 
-import fake_cupy
+from support import fake_cupy
 import minimixer as mm
 import test_fixtures
-from helpers import assert_all_close
+from support.helpers import assert_all_close
 from minimixer import fast, optim
 from minimixer.commands import bench
 from minimixer.commands import eval as eval_cmd

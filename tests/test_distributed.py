@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from helpers import assert_all_close
+from support.helpers import assert_all_close
 from minimixer import fast
 from minimixer.commands import cli
 from minimixer.runtime import distributed

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minimixer as mm
-from helpers import assert_all_close, assert_grads_close
+from support.helpers import assert_all_close, assert_grads_close
 from minimixer import fast, layers, optim
 from minimixer.model import mixer_backward, mixer_forward
 from minimixer.model import predict as reference_predict

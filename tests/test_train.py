@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import minimixer as mm
-from helpers import assert_all_close, gradcheck, numerical_gradient
+from support.helpers import assert_all_close, gradcheck, numerical_gradient
 from minimixer import layers as L
 from minimixer import model, optim
 from minimixer.data import ArrayLoader, digits_split
