@@ -191,12 +191,16 @@ def _layernorm_rows(x, out, w, b, norm, rstd_out, eps):
     mean = x.mean(axis=1, keepdims=True, dtype=acc)
     np.subtract(x, mean, out=out)
     var = np.einsum("ij,ij->i", out, out, dtype=acc)[:, None] / x.shape[1]
-    rstd = 1.0 / np.sqrt(var + eps)
-    out *= rstd
+    _normalize_(out, 1.0 / np.sqrt(var + eps), w, b, norm, rstd_out)
+
+
+def _normalize_(out, r, w, b, norm, rstd):
+    """out (centred x) <- out·r·w + b, keeping the normalized rows in norm and r in rstd where given."""
+    out *= r
     if norm is not None:
         norm[...] = out
-    if rstd_out is not None:
-        rstd_out[...] = rstd
+    if rstd is not None:
+        rstd[...] = r
     if w is not None:
         out *= w
         out += b
@@ -218,15 +222,7 @@ def layernorm_(x, out, w=None, b=None, eps=1e-6, norm=None, rstd=None):
     mean = x.mean(axis=1, keepdims=True, dtype=acc)
     xp.subtract(x, mean, out=out)
     xc = out.astype(acc, copy=False)
-    r = 1.0 / xp.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps)
-    out *= r
-    if norm is not None:
-        norm[...] = out
-    if rstd is not None:
-        rstd[...] = r
-    if w is not None:
-        out *= w
-        out += b
+    _normalize_(out, 1.0 / xp.sqrt((xc * xc).mean(axis=1, keepdims=True) + eps), w, b, norm, rstd)
     return out
 
 
