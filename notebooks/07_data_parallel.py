@@ -124,7 +124,7 @@ assert rel(late, reference) < 1e-12 and rel(early, reference) > 1e-3
 # %% [markdown]
 # ## Ten training steps: 1 rank against 3
 #
-# A real rank runs `train_loop.train_step`, which does exactly this: take its rows with
+# A real rank runs `training.loop.train_step`, which does exactly this: take its rows with
 # `batch_share`, forward and backward on them, then `allreduce_mean` (scale by $b_r/B$, allreduce,
 # done). Gradient clipping comes after the allreduce, so it sees the global norm. Here the
 # allreduce is a sum over the simulated ranks.
