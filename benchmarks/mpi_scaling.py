@@ -48,7 +48,8 @@ def worker(task, repeats):
     from minimixer.runtime import distributed
     from minimixer.commands.bench import make_params
     from minimixer.config import get_config
-    from minimixer.training.loop import TrainSettings, make_optimizer, train_step
+    from minimixer.training.loop import make_optimizer, train_step
+    from minimixer.training.settings import TrainSettings
 
     model, batch = TASKS[task]
     cfg = get_config(model)

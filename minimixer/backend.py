@@ -11,7 +11,7 @@ import numpy as np
 
 BACKENDS = ("numpy", "cupy")
 
-# The cupy module, once imported. A test may put a stand-in here (tests/fake_cupy.py:
+# The cupy module, once imported. A test may put a stand-in here (tests/support/fake_cupy.py:
 # NumPy-backed, strict about host transfers) to drive the CuPy code paths without a GPU.
 _cupy = None
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from .layers import BLOCK_KEYS, GELU_FORMS
 
 
-def _pair(v):
+def as_pair(v):
+    """(v, v) for one value, a tuple for a pair: img_size and mlp_ratio take either, as in timm."""
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
@@ -30,20 +31,20 @@ class MixerConfig:
         problems = []
         for name in ("num_classes", "in_chans", "patch_size", "num_blocks", "embed_dim"):
             v = getattr(self, name)
-            if not _is_int(v) or v <= 0:
+            if not is_int(v) or v <= 0:
                 problems.append(f"{name} must be a positive integer, got {v!r}")
-        img = _pair(self.img_size)
-        if len(img) != 2 or not all(_is_int(s) and s > 0 for s in img):
+        img = as_pair(self.img_size)
+        if len(img) != 2 or not all(is_int(s) and s > 0 for s in img):
             problems.append(f"img_size must be a positive integer or (H, W) pair, got {self.img_size!r}")
-        elif _is_int(self.patch_size) and self.patch_size > 0 and (img[0] % self.patch_size or img[1] % self.patch_size):
+        elif is_int(self.patch_size) and self.patch_size > 0 and (img[0] % self.patch_size or img[1] % self.patch_size):
             problems.append(f"img_size {img[0]}x{img[1]} is not divisible by patch_size {self.patch_size}: "
                             "Mixer cuts the image into whole, non-overlapping patches")
-        ratio = _pair(self.mlp_ratio)
+        ratio = as_pair(self.mlp_ratio)
         if len(ratio) != 2 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
                                       and math.isfinite(r) for r in ratio):
             problems.append(f"mlp_ratio must be a finite positive number or (token, channel) pair, "
                             f"got {self.mlp_ratio!r}")
-        elif _is_int(self.embed_dim) and self.embed_dim > 0 and min(int(r * self.embed_dim) for r in ratio) < 1:
+        elif is_int(self.embed_dim) and self.embed_dim > 0 and min(int(r * self.embed_dim) for r in ratio) < 1:
             problems.append(f"mlp_ratio {self.mlp_ratio!r} times embed_dim {self.embed_dim} leaves an empty hidden layer")
         if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0 and math.isfinite(self.ln_eps)):
             problems.append(f"ln_eps must be a positive number, got {self.ln_eps!r}")
@@ -55,12 +56,12 @@ class MixerConfig:
     @property
     def image_hw(self):
         """(H, W) in pixels."""
-        return _pair(self.img_size)
+        return as_pair(self.img_size)
 
     @property
     def grid_size(self):
         """(H/P, W/P): the patch grid."""
-        h, w = _pair(self.img_size)
+        h, w = as_pair(self.img_size)
         return h // self.patch_size, w // self.patch_size
 
     @property
@@ -72,12 +73,12 @@ class MixerConfig:
     @property
     def token_hidden(self):
         """DS = int(mlp_ratio[0]·embed_dim), as timm computes it."""
-        return int(_pair(self.mlp_ratio)[0] * self.embed_dim)
+        return int(as_pair(self.mlp_ratio)[0] * self.embed_dim)
 
     @property
     def channel_hidden(self):
         """DC = int(mlp_ratio[1]·embed_dim)."""
-        return int(_pair(self.mlp_ratio)[1] * self.embed_dim)
+        return int(as_pair(self.mlp_ratio)[1] * self.embed_dim)
 
     def replace(self, **overrides):
         return dataclasses.replace(self, **overrides)
@@ -88,7 +89,8 @@ class MixerConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def _is_int(v):
+def is_int(v):
+    """An int and not a bool (True is an int to Python, but not a size)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 

@@ -344,7 +344,7 @@ def mean_pool_backward(dout, cache):
 # ----------------------------------------------------------------------------
 # regularizers, active only in training (when a NumPy Generator `rng` is passed)
 
-def _keep_mask(shape, rate, rng, like):
+def keep_mask(shape, rate, rng, like):
     """Bernoulli(1 - rate) keep mask divided by (1 - rate), drawn on the host so that
     NumPy and CuPy runs see the same random numbers."""
     keep = 1.0 - rate
@@ -358,7 +358,7 @@ def dropout_forward(x, rate, rng=None):
     """
     if rng is None or rate == 0.0:
         return x, (None,)
-    mask = _keep_mask(x.shape, rate, rng, x)  # (...)
+    mask = keep_mask(x.shape, rate, rng, x)  # (...)
     return x * mask, (mask,)
 
 
@@ -375,7 +375,7 @@ def drop_path_forward(x, rate, rng=None):
     """
     if rng is None or rate == 0.0:
         return x, (None,)
-    mask = _keep_mask((x.shape[0],) + (1,) * (x.ndim - 1), rate, rng, x)  # (B, 1, ...)
+    mask = keep_mask((x.shape[0],) + (1,) * (x.ndim - 1), rate, rng, x)  # (B, 1, ...)
     return x * mask, (mask,)
 
 
@@ -395,31 +395,45 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
     Returns: loss (a Python float), dlogits (B, K)
     """
     xp = get_xp(logits, labels)
-    ### BEGIN SOLUTION
     B, K = logits.shape
-    if labels.ndim == 1:
-        labels = labels.astype(xp.int64, copy=False)
-        if labels.shape[0] != B:
-            raise ValueError(f"got {labels.shape[0]} labels for {B} logits rows")
-        target = (labels[:, None] == xp.arange(K)).astype(logits.dtype)  # (B, K) one-hot; all 0 outside [0, K)
-    elif labels.shape == (B, K):
-        target = labels.astype(logits.dtype, copy=False)  # (B, K)
-    else:
-        raise ValueError(f"labels must have shape ({B},) or ({B}, {K}), got {labels.shape}")
-    hits = target.sum()  # B when every label is a class index in [0, K)
+    target = _targets(labels, B, K, logits.dtype)  # (B, K) one-hot rows, or the soft targets
+    ### BEGIN SOLUTION
     if label_smoothing:
         target = target * (1.0 - label_smoothing) + label_smoothing / K  # (B, K)
     shifted = logits - logits.max(axis=1, keepdims=True)  # (B, K) stable: exp(<= 0)
     exp = xp.exp(shifted)  # (B, K)
     total = exp.sum(axis=1, keepdims=True)  # (B, 1)
     logprobs = shifted - xp.log(total)  # (B, K)
-    # the loss and the label check in one transfer: on a GPU, each float() or int() waits for the device
-    loss_sum, hits = xp.stack([(target * logprobs).sum(), hits]).tolist()
-    if labels.ndim == 1 and hits != B:
-        low, high = int(labels.min()), int(labels.max())
-        raise ValueError(f"labels must be class indices in [0, {K}), got values in [{low}, {high}]")
-    loss = -loss_sum / B
+    loss = -(target * logprobs).sum() / B  # a 0-d array
     # d/dlogits of -Σ t·log softmax = softmax·Σt - t (Σt = 1 for proper targets)
     dlogits = (exp / total * target.sum(axis=1, keepdims=True) - target) / B  # (B, K)
     ### END SOLUTION
-    return loss, dlogits
+    return _checked_loss(loss, labels, B, K), dlogits
+
+
+def _targets(labels, B, K, dtype):
+    """(B, K) targets: one-hot rows for class indices (all 0 for an index outside [0, K), which
+    _checked_loss reports), or the soft targets as given."""
+    xp = get_xp(labels)
+    if labels.ndim == 1:
+        if labels.shape[0] != B:
+            raise ValueError(f"got {labels.shape[0]} labels for {B} logits rows")
+        return (labels.astype(xp.int64, copy=False)[:, None] == xp.arange(K)).astype(dtype)  # (B, K)
+    if labels.shape != (B, K):
+        raise ValueError(f"labels must have shape ({B},) or ({B}, {K}), got {labels.shape}")
+    return labels.astype(dtype, copy=False)  # (B, K)
+
+
+def _checked_loss(loss, labels, B, K):
+    """The loss as a Python float, after checking that class indices lie in [0, K). One transfer
+    for both: on a GPU, each float() or int() waits for the device."""
+    xp = get_xp(loss)
+    if labels.ndim != 1:
+        return float(loss)
+    index = labels.astype(xp.int64, copy=False)  # as _targets reads them
+    in_range = ((index >= 0) & (index < K)).sum()
+    loss, in_range = xp.stack([xp.asarray(loss, dtype=xp.float64), in_range.astype(xp.float64)]).tolist()
+    if in_range != B:
+        low, high = int(labels.min()), int(labels.max())
+        raise ValueError(f"labels must be class indices in [0, {K}), got values in [{low}, {high}]")
+    return loss

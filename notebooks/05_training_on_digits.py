@@ -30,7 +30,9 @@ import minimixer as mm
 from minimixer import fast
 from minimixer.checkpoints.registry import BUNDLED_DIGITS
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.training.loop import TrainSettings, evaluate, fit
+from minimixer.training.loop import fit
+from minimixer.training.metrics import evaluate
+from minimixer.training.settings import TrainSettings
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 sys.path.insert(0, str(ROOT / "notebooks"))

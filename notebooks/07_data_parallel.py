@@ -70,7 +70,7 @@ regularized = dict(drop_path_rate=0.2, drop_rate=0.1)
 def loss_and_grads(params, x, y, rng):
     logits, cache = fast.forward(params, x, cfg, rng=rng, **regularized)
     loss, dlogits = softmax_cross_entropy(logits, y, label_smoothing=0.1)
-    return loss, fast.backward(dlogits, cache)[0]
+    return loss, fast.backward(dlogits, cache)[1]
 
 
 def rel(a, b):

@@ -31,7 +31,9 @@ import minimixer as mm  # noqa: E402
 from minimixer.checkpoints.safetensors_io import atomic_write_bytes  # noqa: E402
 from minimixer.data import ArrayLoader, digits_split  # noqa: E402
 from minimixer.optim import lr_at  # noqa: E402
-from minimixer.training.loop import TrainSettings, evaluate, make_optimizer, train_step  # noqa: E402
+from minimixer.training.loop import make_optimizer, train_step  # noqa: E402
+from minimixer.training.metrics import evaluate  # noqa: E402
+from minimixer.training.settings import TrainSettings  # noqa: E402
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 PATHS = {"natural": os.path.join(ASSETS, "fig5_digits.safetensors"),

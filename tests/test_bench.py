@@ -54,7 +54,7 @@ def test_gemm_ceiling_runs_the_models_matmuls(monkeypatch):
     cfg = cli.config_from_args(bench.parse_args(["infer", *TINY, "--batch-size", "3"]))
     N, D, DS, DC, K = cfg.num_patches, cfg.embed_dim, cfg.token_hidden, cfg.channel_hidden, cfg.num_classes
     per_image = N * cfg.in_chans * cfg.patch_size ** 2 * D + cfg.num_blocks * (2 * DS * N * D + 2 * N * D * DC) + D * K
-    monkeypatch.setattr(fast, "num_threads", lambda: 2)
+    monkeypatch.setattr(fast.rows, "num_threads", lambda: 2)
     params = bench.make_params(cfg, np.float32)
     macs, matmul = [], np.matmul
 

@@ -23,7 +23,7 @@ from minimixer.checkpoints import registry
 from minimixer.checkpoints.convert import config_for_file, detect_format, load_checkpoint, read_checkpoint
 from minimixer.checkpoints.pth import PthError, Refused, read_pth
 from minimixer.commands.weights import main as weights_main
-from helpers import assert_all_close, rel_error
+from support.helpers import assert_all_close, rel_error
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -18,7 +18,7 @@ import jax.numpy as jnp  # noqa: E402
 import minimixer as mm  # noqa: E402
 from minimixer.checkpoints.convert import config_for_file, load_checkpoint  # noqa: E402
 from minimixer.commands.weights import main as weights_main  # noqa: E402
-from helpers import rel_error  # noqa: E402
+from support.helpers import rel_error  # noqa: E402
 
 
 class MlpBlock(nn.Module):

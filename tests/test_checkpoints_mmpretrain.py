@@ -27,7 +27,7 @@ from minimixer.checkpoints import convert as convert_mod  # noqa: E402
 from minimixer.checkpoints.mmpretrain import timm_name  # noqa: E402
 from minimixer.checkpoints.registry import data_config  # noqa: E402
 from minimixer.data import eval_transform  # noqa: E402
-from helpers import rel_error  # noqa: E402
+from support.helpers import rel_error  # noqa: E402
 
 register_all_modules()
 IMAGES = os.path.join(os.path.dirname(__file__), "images")

@@ -17,7 +17,7 @@ from minimixer.coursework import exercises
 from minimixer.coursework import sandbox as kernel_sandbox
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coursework_attacks import ATTACKS, LAYER_EXERCISES, replace_function  # noqa: E402
+from support.coursework_attacks import ATTACKS, LAYER_EXERCISES, replace_function  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 1234  # a "private" seed for the graded runs in these tests
@@ -88,8 +88,9 @@ def fast_equivalents():
     """The lines of the fast path's fused kernels (LayerNorm backward, the GELU derivative, ...)
     that compute something: they hold the same answers as the solution regions."""
     lines = set()
-    kernels = [f for name, f in inspect.getmembers(fast, inspect.isfunction)
-               if f.__module__ == fast.__name__ and re.search("gelu|layernorm|phi|cupy|erf|backward", name)]
+    modules = [m for _, m in inspect.getmembers(fast, inspect.ismodule) if m.__name__.startswith(fast.__name__ + ".")]
+    kernels = [f for m in modules for name, f in inspect.getmembers(m, inspect.isfunction)
+               if f.__module__ == m.__name__ and re.search("gelu|layernorm|phi|cupy|erf|backward", name)]
     sources = [inspect.getsource(kernel) for kernel in kernels]
     with open(os.path.join(os.path.dirname(fast.__file__), "kernels_numba.py"), encoding="utf-8") as f:
         sources.append(f.read())  # read, not imported: Numba is an extra

@@ -21,7 +21,7 @@ from minimixer.commands.cli import UserError
 from minimixer.coursework import gradebook, sandbox
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coursework_attacks import replace_function  # noqa: E402
+from support.coursework_attacks import replace_function  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 2468

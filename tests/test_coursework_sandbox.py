@@ -22,7 +22,7 @@ from minimixer.coursework import sandbox
 grading = importlib.import_module("minimixer.coursework.grade")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from coursework_attacks import replace_function  # noqa: E402
+from support.coursework_attacks import replace_function  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 4321

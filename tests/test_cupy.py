@@ -1,7 +1,7 @@
 """CuPy against NumPy, layer by layer, for the whole model, and for the fast path (minimixer/fast/).
 
 Each test runs twice: on a GPU with real CuPy (skipped without a usable one), and on
-tests/fake_cupy.py, a NumPy-backed stand-in that refuses implicit host conversion, so the
+tests/support/fake_cupy.py, a NumPy-backed stand-in that refuses implicit host conversion, so the
 default run checks the CuPy code paths too (not the CUDA kernels: tests/test_nvrtc.py compiles
 those; only a GPU runs them). The NumPy passes are gradient-checked in test_layers.py; here
 every forward output and every gradient computed on the device must equal NumPy's.
@@ -9,10 +9,10 @@ every forward output and every gradient computed on the device must equal NumPy'
 import numpy as np
 import pytest
 
-import fake_cupy
+from support import fake_cupy
 import minimixer as mm
 from conftest import CUPY_OK
-from helpers import assert_all_close, assert_grads_close
+from support.helpers import assert_all_close, assert_grads_close
 from minimixer import fast
 from minimixer import layers as L
 from minimixer.erf import erf
@@ -134,7 +134,7 @@ def test_fast_train_forward_backward_equal_reference(name, regularize):
     logits, cache = fast.forward(gpu(params), gpu(x), cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
     ref_logits, ref_cache = mixer_forward(params, x, cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
     dlogits = np.random.default_rng(2).standard_normal(logits.shape)
-    grads, dx = fast.backward(gpu(dlogits), cache, need_dx=True)
+    dx, grads = fast.backward(gpu(dlogits), cache, need_dx=True)
     ref_dx, ref_grads = mixer_backward(dlogits, ref_cache)
     assert set(grads) == set(params)
     assert_all_close([("logits", mm.to_numpy(logits), ref_logits)], 1e-12)
@@ -147,7 +147,7 @@ def test_fast_train_float32_close_to_reference():
     logits, cache = fast.forward(gpu(params), gpu(x), cfg)
     ref_logits, ref_cache = mixer_forward(params, x, cfg)
     dlogits = np.random.default_rng(5).standard_normal(logits.shape).astype(np.float32)
-    grads, _ = fast.backward(gpu(dlogits), cache)
+    _, grads = fast.backward(gpu(dlogits), cache)
     _, ref_grads = mixer_backward(dlogits, ref_cache)
     assert_all_close([("logits", mm.to_numpy(logits), ref_logits)], 2e-6)
     assert_grads_close([(k, mm.to_numpy(grads[k]), ref_grads[k]) for k in params], 2e-5, zero_tol=1e-5)

@@ -1,4 +1,4 @@
-"""The CuPy code paths of the commands, run on tests/fake_cupy.py (a NumPy-backed stand-in, NOT a GPU).
+"""The CuPy code paths of the commands, run on tests/support/fake_cupy.py (a NumPy-backed stand-in, NOT a GPU).
 
 What this proves: no host/device mix anywhere (the stand-in's arrays refuse implicit host
 conversion), a fixed, small number of device-to-host syncs per training step whatever the
@@ -13,15 +13,17 @@ import os
 import numpy as np
 import pytest
 
-import fake_cupy
+from support import fake_cupy
 import minimixer as mm
 import test_fixtures
-from helpers import assert_all_close
+from support.helpers import assert_all_close
 from minimixer import fast, optim
 from minimixer.commands import bench
 from minimixer.commands import eval as eval_cmd
 from minimixer.commands import train as train_cmd
-from minimixer.training.loop import TrainSettings, fit, load_checkpoint, make_optimizer, train_step
+from minimixer.checkpoints.training_state import load_training_state
+from minimixer.training.loop import fit, make_optimizer, train_step
+from minimixer.training.settings import TrainSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = [os.path.join(ROOT, "tests", "images", f) for f in ("china.jpg", "flower.jpg")]
@@ -185,7 +187,7 @@ def test_train_and_resume_on_standin_equal_numpy(fake, tmp_path):
     metrics = fit(straight, cfg, settings, train, test, str(tmp_path / "a"), backend="cupy", **quiet)
     stopped = mm.to_backend(mm.init_params(cfg, seed=3), "cupy")
     fit(stopped, cfg, settings, train, test, str(tmp_path / "b"), backend="cupy", stop_after=2, **quiet)
-    state = load_checkpoint(str(tmp_path / "b" / "checkpoint.safetensors"))
+    state = load_training_state(str(tmp_path / "b" / "checkpoint.safetensors"))
     resumed = mm.to_backend(state["params"], "cupy")
     resumed_metrics = fit(resumed, cfg, settings, train, test, str(tmp_path / "b"), backend="cupy", resume=state,
                           **quiet)
@@ -201,7 +203,7 @@ def test_train_command_on_standin(fake, tmp_path, capsys):
     assert train_cmd.main([*args, "--stop-after", "2"]) == 0
     assert train_cmd.main([*args, "--resume", "auto", "--stop-after", "4"]) == 0
     assert "resuming from" in capsys.readouterr().out
-    assert load_checkpoint(os.path.join(out, "checkpoint.safetensors"))["step"] == 4
+    assert load_training_state(os.path.join(out, "checkpoint.safetensors"))["step"] == 4
 
 
 # --- bench ----------------------------------------------------------------------------------------------

@@ -206,14 +206,15 @@ def test_eval_on_cupy_when_available():
 CTRL_C_AT_BATCH_3 = """
 import signal, sys
 import minimixer.commands.eval as e
+from minimixer import fast
 from minimixer.commands import cli
-calls, real = [], e.predict
+calls, real = [], fast.predict
 def predict(*args):
     calls.append(1)
     if len(calls) == 3:
         signal.raise_signal(signal.SIGINT)
     return real(*args)
-e.predict = predict
+fast.predict = predict  # what evaluate calls
 sys.exit(cli.run(e.main, sys.argv[1:], prog="python -m minimixer.eval"))
 """
 

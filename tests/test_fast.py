@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import minimixer as mm
-from helpers import assert_all_close, assert_grads_close
+from support.helpers import assert_all_close, assert_grads_close
 from minimixer import fast, layers, optim
 from minimixer.model import mixer_backward, mixer_forward
 from minimixer.model import predict as reference_predict
@@ -22,7 +22,7 @@ def kernels(request, monkeypatch):
         import numba  # noqa: F401  (-m numba without Numba is an error, not a skip)
         assert fast.numba_kernels(np.zeros(1, np.float32)) is not None
     else:
-        monkeypatch.setattr(fast, "USE_NUMBA", False)
+        monkeypatch.setattr(fast.kernels, "USE_NUMBA", False)
     return request.param
 
 
@@ -48,11 +48,11 @@ def setup(name, dtype, B, seed=0):
 @pytest.mark.parametrize("B", [1, 2, 3, 8])
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 2e-6)])
 def test_predict_equals_reference(monkeypatch, threads, B, dtype, tol):
-    monkeypatch.setattr(fast, "num_threads", lambda: threads)
+    monkeypatch.setattr(fast.rows, "num_threads", lambda: threads)
     # tiny chunks, so the chunk loops, the token groups and the thread shares all have remainders
-    monkeypatch.setattr(fast, "CHUNK_ELEMENTS", 37)
-    monkeypatch.setattr(fast, "CHANNEL_CHUNK_BYTES", 7 * 60 * np.dtype(dtype).itemsize)
-    monkeypatch.setattr(fast, "TOKEN_GROUP", 3)
+    monkeypatch.setattr(fast.rows, "CHUNK_ELEMENTS", 37)
+    monkeypatch.setattr(fast.mixer, "CHANNEL_CHUNK_BYTES", 7 * 60 * np.dtype(dtype).itemsize)
+    monkeypatch.setattr(fast.mixer, "TOKEN_GROUP", 3)
     for name in ("small", "small-tanh"):
         cfg, params, x = setup(name, dtype, B)
         got, ref = fast.predict(params, x, cfg), reference_predict(params, x, cfg)
@@ -63,7 +63,7 @@ def test_predict_equals_reference(monkeypatch, threads, B, dtype, tol):
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_predict_equals_reference_batch_64(monkeypatch, threads):
     """A large batch (default chunk sizes, so the chunk loops are the real ones), on a tiny model."""
-    monkeypatch.setattr(fast, "num_threads", lambda: threads)
+    monkeypatch.setattr(fast.rows, "num_threads", lambda: threads)
     for dtype, tol in [(np.float64, 1e-12), (np.float32, 2e-6)]:
         cfg, params, x = setup("tiny-odd", dtype, 64, seed=threads)
         assert_all_close([(f"fast predict {dtype.__name__}", fast.predict(params, x, cfg),
@@ -77,13 +77,13 @@ def test_public_predict_is_the_fast_path():
 @pytest.mark.parametrize("regularize", [False, True])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_train_forward_backward_equal_reference(monkeypatch, name, regularize):
-    monkeypatch.setattr(fast, "num_threads", lambda: 2)
+    monkeypatch.setattr(fast.rows, "num_threads", lambda: 2)
     cfg, params, x = setup(name, np.float64, 5, seed=1)
     kw = dict(drop_path_rate=0.3, drop_rate=0.2) if regularize else {}
     logits, cache = fast.forward(params, x, cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
     ref_logits, ref_cache = mixer_forward(params, x, cfg, rng=np.random.default_rng(4) if regularize else None, **kw)
     dlogits = np.random.default_rng(2).standard_normal(logits.shape)
-    grads, dx = fast.backward(dlogits, cache, need_dx=True)
+    dx, grads = fast.backward(dlogits, cache, need_dx=True)
     ref_dx, ref_grads = mixer_backward(dlogits, ref_cache)
     assert set(grads) == set(params)
     assert_all_close([("logits", logits, ref_logits)], 1e-12)
@@ -94,12 +94,12 @@ def test_train_forward_backward_equal_reference(monkeypatch, name, regularize):
 @pytest.mark.parametrize("B", [1, 2, 3, 64])
 def test_train_equals_reference_across_batch_sizes(monkeypatch, B):
     """One share (B = 1), one image per share, uneven shares and a large batch, on a tiny model."""
-    monkeypatch.setattr(fast, "num_threads", lambda: 2)
+    monkeypatch.setattr(fast.rows, "num_threads", lambda: 2)
     cfg, params, x = setup("tiny-odd", np.float64, B, seed=B)
     logits, cache = fast.forward(params, x, cfg, drop_path_rate=0.2, rng=np.random.default_rng(4))
     ref_logits, ref_cache = mixer_forward(params, x, cfg, drop_path_rate=0.2, rng=np.random.default_rng(4))
     dlogits = np.random.default_rng(2).standard_normal(logits.shape)
-    grads, dx = fast.backward(dlogits, cache, need_dx=True)
+    dx, grads = fast.backward(dlogits, cache, need_dx=True)
     ref_dx, ref_grads = mixer_backward(dlogits, ref_cache)
     assert_all_close([("logits", logits, ref_logits)], 1e-12)
     assert_grads_close([("dx", dx, ref_dx)] + [(k, grads[k], ref_grads[k]) for k in params], 1e-10, zero_tol=1e-13)
@@ -110,7 +110,7 @@ def test_train_float32_close_to_reference():
     logits, cache = fast.forward(params, x, cfg)
     ref_logits, ref_cache = mixer_forward(params, x, cfg)
     dlogits = np.random.default_rng(5).standard_normal(logits.shape).astype(np.float32)
-    grads, _ = fast.backward(dlogits, cache)
+    _, grads = fast.backward(dlogits, cache)
     _, ref_grads = mixer_backward(dlogits, ref_cache)
     assert_all_close([("logits", logits, ref_logits)], 2e-6)
     assert_grads_close([(k, grads[k], ref_grads[k]) for k in params], 2e-5, zero_tol=1e-5)
@@ -136,8 +136,8 @@ def test_gelu_kernels(dtype):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_layernorm_kernels(monkeypatch, threads):
     """Forward, and backward with its weight/bias gradients, with the rows split over threads."""
-    monkeypatch.setattr(fast, "num_threads", lambda: threads)
-    monkeypatch.setattr(fast, "CHUNK_ELEMENTS", 500)
+    monkeypatch.setattr(fast.rows, "num_threads", lambda: threads)
+    monkeypatch.setattr(fast.rows, "CHUNK_ELEMENTS", 500)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((301, 24)) * 3 + 1
     w, b = 1 + 0.3 * rng.standard_normal(24), rng.standard_normal(24)
@@ -157,8 +157,8 @@ def test_layernorm_kernels(monkeypatch, threads):
 @pytest.mark.parametrize("threads", [1, 3])
 def test_multiply_and_sum(monkeypatch, threads):
     """a·b in place and the bias gradient's sums, with the rows split over threads (apart sums)."""
-    monkeypatch.setattr(fast, "num_threads", lambda: threads)
-    monkeypatch.setattr(fast, "CHUNK_ELEMENTS", 50)
+    monkeypatch.setattr(fast.rows, "num_threads", lambda: threads)
+    monkeypatch.setattr(fast.rows, "CHUNK_ELEMENTS", 50)
     rng = np.random.default_rng(1)
     a, b = rng.standard_normal((2, 37, 23)), rng.standard_normal((2, 37, 23))
     got_a, sums = a.copy(), fast.multiply_and_sum_(a[0].copy(), b[0], 0)
@@ -218,8 +218,8 @@ def test_adamw_equals_the_clear_optimizer(dtype, tol):
 def test_numba_that_cannot_run_falls_back_in_one_line(monkeypatch, capsys):
     """Numba installed but unusable (say, built for another NumPy): one line on stderr, then the
     NumPy kernels, whose results are the same."""
-    monkeypatch.setattr(fast, "_numba_module", [])
-    monkeypatch.setattr(fast, "USE_NUMBA", True)
+    monkeypatch.setattr(fast.kernels, "_numba_module", [])
+    monkeypatch.setattr(fast.kernels, "USE_NUMBA", True)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: object() if name == "numba" else find_spec(name, *a))
@@ -236,8 +236,8 @@ def test_first_call_from_many_threads_imports_once(monkeypatch, capsys):
     """The batch shares' threads all reach the kernels' first import together: one import, one
     answer for all of them, and nothing on stderr (CI once caught a thread seeing the other's
     half-done import)."""
-    monkeypatch.setattr(fast, "_numba_module", [])
-    monkeypatch.setattr(fast, "USE_NUMBA", True)
+    monkeypatch.setattr(fast.kernels, "_numba_module", [])
+    monkeypatch.setattr(fast.kernels, "USE_NUMBA", True)
     monkeypatch.delitem(sys.modules, "minimixer.fast.kernels_numba", raising=False)
     monkeypatch.delattr(mm.fast, "kernels_numba", raising=False)
     start, got = threading.Barrier(8), []
@@ -250,5 +250,5 @@ def test_first_call_from_many_threads_imports_once(monkeypatch, capsys):
         w.start()
     for w in workers:
         w.join()
-    assert len(got) == 8 and all(g is got[0] for g in got) and len(fast._numba_module) == 1
+    assert len(got) == 8 and all(g is got[0] for g in got) and len(fast.kernels._numba_module) == 1
     assert capsys.readouterr().err == ""

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import minimixer as mm
-from helpers import assert_all_close, assert_grads_close, numerical_gradient
+from support.helpers import assert_all_close, assert_grads_close, numerical_gradient
 from minimixer.model import take_indices
 
 TINY = mm.MixerConfig(num_classes=5, img_size=(6, 9), in_chans=2, patch_size=3, num_blocks=3, embed_dim=4)
@@ -137,7 +137,7 @@ def test_features_match_timm(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("timm")
     from safetensors.torch import save_file
-    from timm_reference import timm_mixer
+    from support.timm_reference import timm_mixer
 
     model = timm_mixer(LIVE, seed=4)
     path = tmp_path / "m.safetensors"

@@ -11,7 +11,8 @@ from minimixer import optim
 from minimixer.checkpoints.registry import BUNDLED_DIGITS
 from minimixer.checkpoints.safetensors_io import read_safetensors
 from minimixer.commands.train import command as train_command
-from minimixer.training.loop import TrainSettings, load_checkpoint, make_optimizer, train_step
+from minimixer.checkpoints.training_state import load_training_state as load_checkpoint
+from minimixer.training.loop import TrainSettings, make_optimizer, train_step
 from minimixer.training.transfer import frozen_names, reset_head
 
 BASE = read_safetensors(BUNDLED_DIGITS)

@@ -12,7 +12,7 @@ import pytest
 
 import minimixer as mm
 from minimixer import model
-from helpers import assert_all_close, assert_grads_close
+from support.helpers import assert_all_close, assert_grads_close
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CASES = ["tiny_erf_f64", "tiny_tanh_f64", "small_erf_f32"]

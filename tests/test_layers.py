@@ -7,7 +7,7 @@ computed by central differences. Relative error ≤ 1e-7.
 import numpy as np
 import pytest
 
-from helpers import assert_all_close, gradcheck
+from support.helpers import assert_all_close, gradcheck
 from minimixer import layers as L
 
 TOL = 1e-7

@@ -6,7 +6,7 @@ import pytest
 
 import minimixer as mm
 from minimixer import model
-from helpers import assert_all_close, assert_grads_close, numerical_gradient
+from support.helpers import assert_all_close, assert_grads_close, numerical_gradient
 
 TINY = dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6)
 

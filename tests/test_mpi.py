@@ -43,7 +43,8 @@ def steps_script(out, batch):
     from minimixer.config import get_config
     from minimixer.data import ArrayLoader, digits_split
     from minimixer.params import init_params
-    from minimixer.training.loop import TrainSettings, make_optimizer, train_step
+    from minimixer.training.loop import make_optimizer, train_step
+    from minimixer.training.settings import TrainSettings
 
     cfg = get_config("mixer_digits")
     s = TrainSettings(lr=1e-2, weight_decay=0.05, clip_grad=0.5, drop_path=0.25, dropout=0.2,
@@ -251,7 +252,7 @@ def rank_pids(launcher_pid):
 
 
 def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoint(tmp_path):
-    from minimixer.training.loop import load_checkpoint
+    from minimixer.checkpoints.training_state import load_training_state
     out = tmp_path / "run"
     cmd = [mpiexec(), "-n", "2", sys.executable] + TRAIN[:2] + [
         "--epochs", "30", "--batch-size", "16", "--no-progress", "--out", str(out)]
@@ -274,7 +275,7 @@ def test_a_killed_rank_ends_the_job_and_leaves_the_checkpoint(tmp_path):
     print(stdout[-500:], stderr[-500:])
     assert proc.returncode != 0
     assert "BAD TERMINATION" in stdout + stderr and "signal 9" in stdout + stderr  # MPICH's Hydra says who died
-    state = load_checkpoint(str(ckpt))  # intact: written atomically, so the kill cannot leave half a file
+    state = load_training_state(str(ckpt))  # intact: written atomically, so the kill cannot leave half a file
     assert state["step"] % 91 == 0 and state["step"] >= 91
     r = run(TRAIN[:2] + ["--epochs", "30", "--out", str(out), "--resume", "--stop-after", str(state["step"] + 2),
                          "--no-progress"])

@@ -8,7 +8,8 @@ import pytest
 import minimixer as mm
 from minimixer import layers
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.training.loop import TrainSettings, evaluate
+from minimixer.training.metrics import evaluate
+from minimixer.training.settings import TrainSettings
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 

@@ -95,8 +95,8 @@ def test_a_broken_kernel_fails_to_compile():
 
 
 def test_standin_only_offers_what_real_cupy_has():
-    """tests/fake_cupy.py must not invent API: every name minimixer could reach on it exists in CuPy."""
-    import fake_cupy
+    """tests/support/fake_cupy.py must not invent API: every name minimixer could reach on it exists in CuPy."""
+    from support import fake_cupy
     own = {"Stats", "stats", "install", "counting", "HostDeviceMixError", "MemoryPointer", "KERNEL_EMULATIONS"}
     modules = {"builtins", "collections", "contextlib", "math", "operator", "os", "types", "weakref"}
     names = [n for n in dir(fake_cupy) if not n.startswith("_") and n not in own | modules]

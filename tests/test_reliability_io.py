@@ -204,7 +204,7 @@ def test_ctrl_c_before_the_first_batch_reports_nothing(colors, tmp_path, capsys,
     def interrupted(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(meval, "predict", interrupted)
+    monkeypatch.setattr(mm.fast, "predict", interrupted)  # what evaluate calls
     out = tmp_path / "r.json"
     assert color_eval(root, weights, "--results-file", str(out)) == 130
     stdout, err = capsys.readouterr()
@@ -471,7 +471,7 @@ def test_bad_results_file_is_found_before_evaluating(tmp_path, capsys, monkeypat
     def not_now(*args):
         raise AssertionError("evaluated before checking --results-file")
 
-    monkeypatch.setattr(meval, "predict", not_now)
+    monkeypatch.setattr(mm.fast, "predict", not_now)  # what evaluate calls
     assert run_eval("--results-file", str(path), "--no-progress") == 2
     err = capsys.readouterr().err
     assert stderr_lines(err) == [f"python -m minimixer.eval: error: cannot write {path}: "

@@ -298,7 +298,7 @@ def train_in_process(*args):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_item3_train_under_sigterm_mid_epoch_resumes_bit_exactly(tmp_path, monkeypatch, capsys, guarded, sig):
     from minimixer.commands import train
-    from minimixer.training.loop import load_checkpoint
+    from minimixer.checkpoints.training_state import load_training_state as load_checkpoint
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     assert train_in_process("--out", str(straight), *TINY_TRAIN) == 0
     real = train.ArrayLoader
@@ -340,7 +340,7 @@ def test_item3_real_sigterm_from_outside_writes_a_checkpoint(tmp_path):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
     assert "interrupted after step" in stderr and "checkpoint written" in stderr, stderr
-    from minimixer.training.loop import load_checkpoint
+    from minimixer.checkpoints.training_state import load_training_state as load_checkpoint
     assert load_checkpoint(str(out / "checkpoint.safetensors"))["step"] > 0
 
 
@@ -573,7 +573,7 @@ def test_item7_symlinked_results_file_is_written_through(tmp_path, ext):
 
 def test_item1_train_reads_class_folders_as_timm_and_takes_a_class_map(tmp_path, capsys):
     from minimixer.commands import train
-    from minimixer.training.loop import load_checkpoint
+    from minimixer.checkpoints.training_state import load_training_state as load_checkpoint
     for split in ("train", "val"):
         natural_folder(tmp_path / "d" / split)
     assert train.folder_samples(str(tmp_path / "d"))[2] == ["class1", "class2", "class10"]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import minimixer as mm
-from helpers import assert_all_close
+from support.helpers import assert_all_close
 from minimixer import layers
 from minimixer.checkpoints.resize import appendix_c, bilinear_matrix, grid_resampler, resize, resample
 
@@ -264,7 +264,7 @@ def test_timm_at_448_loads_the_resized_s32_strictly(tmp_path):
     torch = pytest.importorskip("torch")
     timm = pytest.importorskip("timm")
     from safetensors.torch import save_file
-    from timm_reference import timm_registered
+    from support.timm_reference import timm_registered
 
     model = timm_registered("mixer_s32_224", seed=2)
     src, out = tmp_path / "s32.safetensors", tmp_path / "s32_448.safetensors"

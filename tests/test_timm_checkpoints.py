@@ -29,7 +29,7 @@ from minimixer.commands.predict import command as predict_command  # noqa: E402
 from minimixer.commands.train import command as train_command  # noqa: E402
 from minimixer.commands.weights import main as weights_main  # noqa: E402
 from minimixer.data import digits_split  # noqa: E402
-from timm_reference import timm_mixer  # noqa: E402
+from support.timm_reference import timm_mixer  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGES = sorted(glob.glob(os.path.join(ROOT, "tests", "images", "*.jpg")))

@@ -16,9 +16,9 @@ timm = pytest.importorskip("timm")
 torch = pytest.importorskip("torch")
 
 import minimixer as mm  # noqa: E402
-from helpers import assert_all_close, assert_grads_close, rel_error  # noqa: E402
+from support.helpers import assert_all_close, assert_grads_close, rel_error  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from timm_reference import state_dict_numpy, timm_forward_backward, timm_mixer, timm_registered  # noqa: E402
+from support.timm_reference import state_dict_numpy, timm_forward_backward, timm_mixer, timm_registered  # noqa: E402
 
 
 @pytest.mark.slow

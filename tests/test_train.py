@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 import minimixer as mm
-from helpers import assert_all_close, gradcheck, numerical_gradient
+from support.helpers import assert_all_close, gradcheck, numerical_gradient
 from minimixer import layers as L
 from minimixer import model, optim
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.training.loop import TrainSettings, fit, load_checkpoint
+from minimixer.checkpoints.training_state import load_training_state
+from minimixer.training.loop import fit
+from minimixer.training.settings import TrainSettings
 
 TINY = dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6)
 
@@ -172,7 +174,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(tmp_path):
     stopped = mm.init_params(cfg, seed=3)
     fit(stopped, cfg, settings, train, test, str(tmp_path / "b"), stop_after=11, progress=False,
         log=lambda s: None)  # mid-epoch: 8 steps per epoch
-    state = load_checkpoint(str(tmp_path / "b" / "checkpoint.safetensors"))
+    state = load_training_state(str(tmp_path / "b" / "checkpoint.safetensors"))
     assert state["step"] == 11
     resumed = state["params"]
     metrics = fit(resumed, cfg, settings, train, test, str(tmp_path / "b"), resume=state, progress=False,
@@ -245,12 +247,12 @@ def test_ctrl_c_writes_checkpoint_and_resume_continues(tmp_path):
     assert proc.returncode == 130, stderr
     assert re.fullmatch(r"python -m minimixer.train: interrupted after step \d+: checkpoint written to \S+ "
                         r"\(resume with --resume\)\n", stderr), stderr
-    step = load_checkpoint(str(out / "checkpoint.safetensors"))["step"]
+    step = load_training_state(str(out / "checkpoint.safetensors"))["step"]
     assert step > 0
     r = run_cli("--out", str(out), "--resume", "--stop-after", str(step + 3), "--no-progress")
     assert r.returncode == 0, r.stderr
     assert f"resuming from {out / 'checkpoint.safetensors'} at step {step}" in r.stdout
-    assert load_checkpoint(str(out / "checkpoint.safetensors"))["step"] == step + 3
+    assert load_training_state(str(out / "checkpoint.safetensors"))["step"] == step + 3
 
 
 def test_fine_tune_replaces_head(tmp_path):
@@ -272,13 +274,13 @@ def test_checkpoint_is_not_model_weights(tmp_path):
     with pytest.raises(ValueError, match="not a minimixer training checkpoint"):
         src = tmp_path / "w.safetensors"
         mm.save_weights(mm.init_params(mm.get_config("mixer_digits")), src)
-        load_checkpoint(str(src))
+        load_training_state(str(src))
 
 
 def test_shipped_digits_model_accuracy():
     """minimixer/assets/mixer_digits.safetensors: ≥ 97% top-1 on the held-out digits split."""
     from minimixer.checkpoints.registry import BUNDLED_DIGITS
-    from minimixer.training.loop import evaluate
+    from minimixer.training.metrics import evaluate
     cfg = mm.get_config("mixer_digits")
     params = mm.load_weights(BUNDLED_DIGITS, cfg)
     _, _, x_test, y_test = digits_split()

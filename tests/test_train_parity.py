@@ -16,10 +16,10 @@ pytest.importorskip("timm")
 import torch.nn.functional as F  # noqa: E402
 
 import minimixer as mm  # noqa: E402
-from helpers import assert_all_close, rel_error  # noqa: E402
+from support.helpers import assert_all_close, rel_error  # noqa: E402
 from minimixer import optim  # noqa: E402
 from minimixer.layers import softmax_cross_entropy  # noqa: E402
-from timm_reference import state_dict_numpy, timm_mixer  # noqa: E402
+from support.timm_reference import state_dict_numpy, timm_mixer  # noqa: E402
 
 CFG = dict(num_classes=7, img_size=(9, 15), in_chans=2, patch_size=3, num_blocks=2, embed_dim=6)
 STEPS, BASE_LR, WARMUP, CLIP = 10, 0.05, 3, 0.5

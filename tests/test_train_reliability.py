@@ -1,5 +1,6 @@
 """Training reliability (issue 9): skipped images, resume flags and exactness, divergence,
 checkpoint checking (fuzzed), orphaned temporary files, Ctrl-C at start-up, timm's flag spellings."""
+import hashlib
 import json
 import os
 import re
@@ -10,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import HealthCheck, given, settings as hyp_settings, strategies as st
 
 import minimixer as mm
@@ -17,12 +19,22 @@ from minimixer.commands import cli
 from minimixer.commands import train
 from minimixer.checkpoints.safetensors_io import read_safetensors
 from minimixer.data import ArrayLoader, digits_split
-from minimixer.training.loop import (Diverged, Interrupted, TrainSettings, _header_and_metadata, checkpoint_bytes,
-                                  fit, load_checkpoint)
+from minimixer.checkpoints.training_state import _header_and_metadata, load_training_state
+from minimixer.training.loop import Diverged, Interrupted, fit
+from minimixer.training.settings import TrainSettings
 
 PROG = "python -m minimixer.train"
 CFG = mm.get_config("mixer_digits", embed_dim=16, num_blocks=2)
 SETTINGS = TrainSettings(epochs=2, batch_size=32, lr=3e-3, warmup=0.5, drop_path=0.1, dropout=0.1, seed=3)
+
+
+def checkpoint_bytes(arrays, meta):
+    """A training checkpoint's bytes with these tensors and metadata, signed as the format says: the
+    sha256 of the whole file as written with 64 zeros in place of the digest."""
+    unsigned = "0" * 64
+    data = safetensors.numpy.save(arrays, metadata={**meta, "sha256": unsigned})
+    digest = hashlib.sha256(data).hexdigest()
+    return data.replace(f'"sha256":"{unsigned}"'.encode(), f'"sha256":"{digest}"'.encode(), 1)
 
 
 def quiet(_):
@@ -89,7 +101,7 @@ def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     train_loader, test_loader = digits_loaders()
     fit(mm.init_params(CFG, seed=3), CFG, SETTINGS, train_loader, test_loader, str(out), progress=False, log=quiet)
-    return load_checkpoint(str(out / "checkpoint.safetensors"))
+    return load_training_state(str(out / "checkpoint.safetensors"))
 
 
 def assert_same_run(got, ref):
@@ -124,10 +136,10 @@ def test_resume_equals_uninterrupted_run(tmp_path, straight, stop):
         test = SigintOnEval(test_loader) if "again" in stop else test_loader
         with pytest.raises(Interrupted, match="at once" if "again" in stop else f"after step {step}"):
             fit(params, CFG, SETTINGS, SigintBefore(train_loader, step), test, out, progress=False, log=quiet)
-    state = load_checkpoint(os.path.join(out, "checkpoint.safetensors"))
+    state = load_training_state(os.path.join(out, "checkpoint.safetensors"))
     assert state["step"] == step
     fit(state["params"], CFG, SETTINGS, train_loader, test_loader, out, resume=state, progress=False, log=quiet)
-    assert_same_run(load_checkpoint(os.path.join(out, "checkpoint.safetensors")), straight)
+    assert_same_run(load_training_state(os.path.join(out, "checkpoint.safetensors")), straight)
     rows = json.load(open(os.path.join(out, "metrics.json")))
     assert [r["epoch"] for r in rows] == [1, 2]
 
@@ -158,10 +170,10 @@ def test_missing_optimizer_state_is_refused(tmp_path, checkpoint_file, capsys):
     bad = rewrite(checkpoint_file, tmp_path / "no_opt.safetensors", drop=["opt/"])
     with pytest.raises(ValueError, match=r"optimizer state is missing for 60 of 60 entries \(first: "
                                          r"stem.proj.weight/exp_avg\); it cannot be resumed exactly"):
-        load_checkpoint(bad)
+        load_training_state(bad)
     half = rewrite(checkpoint_file, tmp_path / "half.safetensors", drop=["opt/head.weight/exp_avg_sq"])
     with pytest.raises(ValueError, match=r"missing for 1 of 60 entries \(first: head.weight/exp_avg_sq\)"):
-        load_checkpoint(half)
+        load_training_state(half)
     code, out, err = cli_in_process(capsys, "--resume", bad, "--out", str(tmp_path), "--no-progress")
     assert code == 2 and "optimizer state is missing" in one_line(err)
 
@@ -313,7 +325,7 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(Diverged, match=r"the loss became nan at step 11 \(epoch 2\); the checkpoint of step 8 is kept"):
         fit(mm.init_params(CFG, seed=3), CFG, SETTINGS, NanAt(train_loader, 11), test_loader, str(out),
             progress=False, log=quiet)
-    state = load_checkpoint(str(out / "checkpoint.safetensors"))
+    state = load_training_state(str(out / "checkpoint.safetensors"))
     assert state["step"] == 8 and len(state["metrics"]) == 1
     assert all(np.isfinite(v).all() for v in state["params"].values())
 
@@ -344,7 +356,7 @@ def assert_one_line_error(path, call):
 ])
 def test_malformed_or_mismatched_checkpoint_is_one_line(tmp_path, checkpoint_file, changes, drop, message):
     bad = rewrite(checkpoint_file, tmp_path / "bad.safetensors", drop=drop, meta_changes=changes)
-    msg = assert_one_line_error(bad, lambda: load_checkpoint(bad))
+    msg = assert_one_line_error(bad, lambda: load_training_state(bad))
     assert msg is not None and re.search(message, msg), msg
 
 
@@ -353,13 +365,13 @@ def test_checksum_catches_a_flipped_byte_and_nan_is_refused(tmp_path, checkpoint
     data[-3] ^= 0x01  # the last tensor's data: a valid file, silently wrong without a checksum
     flipped = tmp_path / "flipped.safetensors"
     flipped.write_bytes(bytes(data))
-    assert re.search("checksum mismatch", assert_one_line_error(str(flipped), lambda: load_checkpoint(str(flipped))))
+    assert re.search("checksum mismatch", assert_one_line_error(str(flipped), lambda: load_training_state(str(flipped))))
     tensors = read_safetensors(checkpoint_file)
     meta = {k: v for k, v in _header_and_metadata(checkpoint_file)[1].items() if k != "sha256"}
     tensors = {k: (np.full_like(v, np.nan) if k == "params/head.bias" else v) for k, v in tensors.items()}
     nan = tmp_path / "nan.safetensors"
     nan.write_bytes(checkpoint_bytes(tensors, meta))
-    message = assert_one_line_error(str(nan), lambda: load_checkpoint(str(nan)))
+    message = assert_one_line_error(str(nan), lambda: load_training_state(str(nan)))
     assert "tensor head.bias holds NaN or infinite values" in message
 
 
@@ -377,7 +389,7 @@ def test_fuzz_byte_flips_are_always_caught(tmp_path, checkpoint_file, data):
     path = str(tmp_path / "mutated.safetensors")
     with open(path, "wb") as f:
         f.write(bytes(mutated))
-    assert assert_one_line_error(path, lambda: load_checkpoint(path)) is not None, f"byte {i} ^ {mask} not caught"
+    assert assert_one_line_error(path, lambda: load_training_state(path)) is not None, f"byte {i} ^ {mask} not caught"
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 10**16) | st.floats() | st.text(max_size=8),
@@ -390,7 +402,7 @@ ENTRIES = ["config", "settings", "step", "optimizer", "metrics", "partial_epoch"
 @given(st.data())
 def test_fuzz_metadata_gives_a_checkpoint_or_one_line(tmp_path, checkpoint_file, data):
     """Any metadata entry replaced (text, JSON of any shape, one field of a dict changed, added or
-    removed), with a valid checksum: load_checkpoint returns or raises one ValueError line."""
+    removed), with a valid checksum: load_training_state returns or raises one ValueError line."""
     meta = {k: v for k, v in _header_and_metadata(checkpoint_file)[1].items() if k != "sha256"}
     key = data.draw(st.sampled_from(ENTRIES), label="entry")
     how = data.draw(st.sampled_from(["text", "json", "field", "delete"]), label="how")
@@ -412,7 +424,7 @@ def test_fuzz_metadata_gives_a_checkpoint_or_one_line(tmp_path, checkpoint_file,
     path = str(tmp_path / "meta.safetensors")
     with open(path, "wb") as f:
         f.write(checkpoint_bytes(tensors, meta))
-    assert_one_line_error(path, lambda: load_checkpoint(path))
+    assert_one_line_error(path, lambda: load_training_state(path))
 
 
 @FUZZ
@@ -432,7 +444,7 @@ def test_fuzz_tensor_changes_are_refused(tmp_path, checkpoint_file, data):
     path = str(tmp_path / "tensors.safetensors")
     with open(path, "wb") as f:
         f.write(checkpoint_bytes(tensors, meta))
-    assert assert_one_line_error(path, lambda: load_checkpoint(path)) is not None, f"{how} {name} accepted"
+    assert assert_one_line_error(path, lambda: load_training_state(path)) is not None, f"{how} {name} accepted"
 
 
 # --- item 20: orphaned temporary files ---------------------------------------------------------------
@@ -440,7 +452,7 @@ def test_fuzz_tensor_changes_are_refused(tmp_path, checkpoint_file, data):
 def test_orphaned_temporary_files_are_removed_on_the_next_start(tmp_path, checkpoint_file):
     out = tmp_path / "run"
     out.mkdir()
-    state = load_checkpoint(checkpoint_file)
+    state = load_training_state(checkpoint_file)
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a writer that was killed: its process no longer runs
     orphans = [f".tmp-{gone.pid}-k3j2h1x9checkpoint.safetensors", f".tmp-{gone.pid}-0a9b8c7dmetrics.json",

@@ -48,7 +48,6 @@ SOURCES = {
     "mmpretrain": dict(ln_eps=mmpretrain.LN_EPS, gelu=mmpretrain.GELU, preprocessing="mmpretrain"),
     "jax": dict(ln_eps=jax_format.LN_EPS, gelu=jax_format.GELU, preprocessing="google"),
 }
-FORMATS = {"safetensors": "a safetensors file", "pth": "a torch .pth", "npz": "a NumPy .npz"}
 
 
 class NumericsWarning(UserWarning):

@@ -26,6 +26,8 @@ from collections import OrderedDict
 
 import numpy as np
 
+from ..config import is_int
+
 
 class PthError(ValueError):
     """A .pth that cannot or may not be read; the message names the file and the problem."""
@@ -143,16 +145,12 @@ class _Tensor:
         raise pickle.UnpicklingError("BUILD applied to a tensor")
 
 
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     """Stands in for torch._utils._rebuild_tensor_v2: checks the view lies inside its storage."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor whose storage is not a storage")
-    if not (_is_int(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
-            and len(size) == len(stride) and all(_is_int(v) and v >= 0 for v in size + stride)):
+    if not (is_int(offset) and offset >= 0 and isinstance(size, tuple) and isinstance(stride, tuple)
+            and len(size) == len(stride) and all(is_int(v) and v >= 0 for v in size + stride)):
         raise pickle.UnpicklingError(f"a tensor with offset {offset!r}, size {size!r}, stride {stride!r}")
     if math.prod(size) > storage.numel:  # a broadcast view (stride 0): checkpoints never hold one
         raise pickle.UnpicklingError(f"a tensor of size {size} has more elements than its storage's {storage.numel}")
@@ -236,7 +234,7 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid):  # ('storage', storage type, key, location, numel)
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
                 and isinstance(pid[1], _StorageType) and pid[1] is self.allowed.get(("torch", pid[1].name))
-                and isinstance(pid[2], str) and _is_int(pid[4])
+                and isinstance(pid[2], str) and is_int(pid[4])
                 and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unknown persistent id {str(pid)[:80]}")
         return self.reader.storage(pid[2], pid[1], pid[4])
@@ -351,8 +349,3 @@ def _materialize(obj, path, depth=0):
     if isinstance(obj, tuple):
         return tuple(_materialize(v, path, depth + 1) for v in tuple.__iter__(obj))
     return obj
-
-
-def is_zip(path):
-    with open(path, "rb") as f:
-        return f.read(4) == b"PK\x03\x04"

@@ -36,9 +36,11 @@ import numpy as np
 
 from . import cli
 from ..runtime.allocator import keep_freed_memory, return_freed_memory
-from ..backend import to_backend, to_numpy, xp_for
+from ..backend import BACKENDS, to_backend, to_numpy, xp_for
 from ..config import param_count
 from ..checkpoints.safetensors_io import atomic_write_bytes
+
+PROG = "python -m minimixer.bench"
 
 DEFAULTS = {"infer": ("mixer_b16_224", 16), "train": ("mixer_s32_224", 32)}
 PEERS = {  # engine -> the modules it needs (all in the 'bench' extra)
@@ -69,12 +71,12 @@ def engine_list(text):
     return list(dict.fromkeys(names))
 
 
-def parse_args(argv):
-    p = cli.ArgumentParser(prog="python -m minimixer.bench", description=__doc__.split("\n")[0])
+def parse_args(argv, prog=PROG):
+    p = cli.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("mode", choices=["infer", "train"])
     cli.add_model_args(p, default_model=None)
     p.add_argument("--batch-size", type=int_list, help="one or more, comma-separated (e.g. 1,4,16,64)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
     p.add_argument("--dtype", choices=["float32", "float16", "float64"], default="float32",
                    help="float16 is for the GPU (cupy) inference path")
     p.add_argument("--path", choices=["fast", "reference"], default="fast",
@@ -163,7 +165,7 @@ def minimixer_side(args, cfg, params_np, x_np, y_np):
         if args.path == "fast":
             logits, cache = fast.forward(params, x, cfg)
             _, dlogits = softmax_cross_entropy(logits, y)
-            grads, _ = fast.backward(dlogits, cache)
+            _, grads = fast.backward(dlogits, cache)
         else:
             logits, cache = model.mixer_forward(params, x, cfg)
             _, dlogits = softmax_cross_entropy(logits, y)
@@ -573,9 +575,9 @@ def plot(path, args, rows):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def main(argv=None):
+def main(argv=None, prog=PROG):
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     cfg = cli.config_from_args(args)
     xp_for(args.backend)
     if args.probe:
@@ -633,6 +635,6 @@ def main(argv=None):
     return 0
 
 
-def command(argv=None, prog="python -m minimixer.bench"):
+def command(argv=None, prog=PROG):
     """Run the command as its shell would: exit status, errors as one line."""
-    return cli.run(main, argv, prog=prog)
+    return cli.run(lambda a: main(a, prog), argv, prog=prog)

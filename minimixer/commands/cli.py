@@ -1,6 +1,7 @@
 """Shared command-line plumbing: one-line errors with exit status 2, and model/config flags."""
 import argparse
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -8,7 +9,8 @@ import warnings
 
 from ..runtime import distributed
 from ..backend import BackendError
-from ..config import PRESETS
+from ..config import PRESETS, MixerConfig
+from ..layers import GELU_FORMS
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -169,19 +171,13 @@ def add_model_args(p, default_model):
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model,
                    help=f"a preset ({', '.join(PRESETS)}) or a pretrained tag (python -m minimixer.weights list)")
-    g.add_argument("--num-classes", type=int)
-    g.add_argument("--img-size", type=int)
-    g.add_argument("--in-chans", type=int)
-    g.add_argument("--patch-size", type=int)
-    g.add_argument("--num-blocks", type=int)
-    g.add_argument("--embed-dim", type=int)
-    g.add_argument("--mlp-ratio", type=float, nargs=2, metavar=("TOKEN", "CHANNEL"))
-    g.add_argument("--ln-eps", type=float)
-    g.add_argument("--gelu", choices=["erf", "tanh"])
+    for f in dataclasses.fields(MixerConfig):  # one flag per field: --num-classes, --img-size, ...
+        g.add_argument("--" + f.name.replace("_", "-"), **FLAG_FORMS.get(f.name, {"type": type(f.default)}))
 
 
-OVERRIDES = ("num_classes", "img_size", "in_chans", "patch_size", "num_blocks", "embed_dim",
-             "mlp_ratio", "ln_eps", "gelu")
+OVERRIDES = tuple(f.name for f in dataclasses.fields(MixerConfig))  # every config field has its flag
+# the fields whose flag is not simply of its default's type (img_size takes one int: square, as timm's)
+FLAG_FORMS = {"mlp_ratio": dict(type=float, nargs=2, metavar=("TOKEN", "CHANNEL")), "gelu": dict(choices=GELU_FORMS)}
 
 
 def config_from_args(args, **defaults):

@@ -20,23 +20,23 @@ import time
 from . import cli
 from ..runtime import distributed
 from ..runtime.allocator import keep_freed_memory
-from ..backend import to_backend, to_numpy, xp_for
+from ..backend import BACKENDS, xp_for
 from ..config import param_count
 from ..data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images,
                    read_class_map, read_label_file, strict_pixel_limit)
-from ..fast import predict
 from ..checkpoints.registry import WeightsNotFound, data_config, find_weights, imagenet_classes
-from ..training.metrics import count_correct
+from ..training.metrics import Tally, evaluate
 from ..checkpoints.convert import load_weights
 from ..checkpoints.safetensors_io import atomic_write_bytes, check_writable
 
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
                   "interpolation", "count", "skipped", "img_per_sec"]
+PROG = "python -m minimixer.eval"
 LABEL_FILE_NAMES = ("LOC_val_solution.csv", "val_labels.txt", "labels.txt")
 
 
-def parse_args(argv):
-    p = cli.ArgumentParser(prog="python -m minimixer.eval", description=__doc__.split("\n")[0])
+def parse_args(argv, prog=PROG):
+    p = cli.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     # timm's validate.py spellings are the same options (one definition each): DIR or
     # --data-dir, -b, -j, --checkpoint
     p.add_argument("data_dir", nargs="?", metavar="DIR", help="the data, as timm takes it: the same as --data DIR")
@@ -47,7 +47,7 @@ def parse_args(argv):
     p.add_argument("--labels", metavar="FILE", help="label file for a flat image folder")
     p.add_argument("--class-map", metavar="FILE", help="timm's class map for class folders: a .txt with one "
                    "folder name per line (its line number is its index) or a .pkl dict")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
     p.add_argument("-b", "--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
     p.add_argument("-j", "--workers", type=int, default=min(8, os.cpu_count() or 1), help="image decoding threads")
@@ -228,8 +228,8 @@ def write_results(path, row):
     atomic_write_bytes(path, data)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=PROG):
+    args = parse_args(argv, prog)
     if args.results_file:
         check_writable(results_target(args.results_file))  # now, not after the whole evaluation
     cfg = cli.config_from_args(args)
@@ -261,31 +261,28 @@ def main(argv=None):
     if not args.no_progress and distributed.is_root():
         from tqdm import tqdm
         bar = tqdm(total=total, unit="img", desc=f"eval {args.model}", dynamic_ncols=True, file=sys.stderr)
-    correct1 = correct5 = count = 0
-    interrupted = False
+    def show(t):
+        bar.update(t.count + len(skipped) - bar.n)  # skipped images are done too
+        bar.set_postfix(acc1=f"{100 * t.correct1 / t.count:.2f}", acc5=f"{100 * t.correct5 / t.count:.2f}")
+
+    tally, interrupted = Tally(), False
     start = time.perf_counter()
     try:
-        for x, y in loader.batches():
-            logits = to_numpy(predict(params, to_backend(x, args.backend), cfg))
-            hits1, hits5 = count_correct(logits, y)
-            correct1, correct5, count = correct1 + hits1, correct5 + hits5, count + len(y)
-            if bar is not None:
-                bar.update(count + len(skipped) - bar.n)  # skipped images are done too
-                bar.set_postfix(acc1=f"{100 * correct1 / count:.2f}", acc5=f"{100 * correct5 / count:.2f}")
+        evaluate(params, cfg, loader.batches(), args.backend, tally=tally, on_batch=None if bar is None else show)
     except KeyboardInterrupt:
         interrupted = True
     seconds = time.perf_counter() - start
     if bar is not None:
-        bar.update(count + len(skipped) - bar.n)
+        bar.update(tally.count + len(skipped) - bar.n)
         bar.close()
     correct1, correct5, count, total, n_skipped, interrupted = distributed.sum_counts(
-        correct1, correct5, count, total, len(skipped), interrupted)  # over all ranks
+        tally.correct1, tally.correct5, tally.count, total, len(skipped), interrupted)  # over all ranks
     if not distributed.is_root():
         return 130 if interrupted else 0
 
     if count == 0:  # no accuracy to report: an error (or Ctrl-C), never a result of 0%
         if interrupted:
-            print("python -m minimixer.eval: interrupted before any image was evaluated: no results", file=sys.stderr)
+            print(f"{prog}: interrupted before any image was evaluated: no results", file=sys.stderr)
             return 130
         raise cli.UserError(f"no images were evaluated: all {total} could not be read (see above)")
     row = results_row(args, cfg, dcfg, correct1, correct5, count, n_skipped, seconds)
@@ -311,6 +308,6 @@ def main(argv=None):
     return 130 if interrupted else 0
 
 
-def command(argv=None, prog="python -m minimixer.eval"):
+def command(argv=None, prog=PROG):
     """Run the command as its shell would: exit status, errors as one line."""
-    return cli.run(main, argv, prog=prog)
+    return cli.run(lambda a: main(a, prog), argv, prog=prog)

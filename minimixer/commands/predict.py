@@ -15,7 +15,7 @@ import numpy as np
 
 from . import cli
 from ..runtime import distributed
-from ..backend import to_backend, to_numpy, xp_for
+from ..backend import BACKENDS, to_backend, to_numpy, xp_for
 from ..data import eval_transform, open_image, strict_pixel_limit
 from ..fast import predict
 from ..checkpoints.registry import WeightsNotFound, class_names, data_config, find_weights
@@ -24,15 +24,15 @@ from ..checkpoints.convert import load_weights
 PROG = "python -m minimixer.predict"
 
 
-def parse_args(argv):
-    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+def parse_args(argv, prog=PROG):
+    p = cli.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("images", nargs="+", metavar="IMAGE")
     cli.add_model_args(p, default_model="mixer_digits")
     cli.add_weights_args(p)
     p.add_argument("--topk", type=int, default=5)
     p.add_argument("--json", action="store_true",
                    help="print a JSON list of {file, topk: [{index, label, prob}]} (prob null if not finite)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
     p.add_argument("-b", "--batch-size", type=int, default=16)
     args = p.parse_args(argv)
     if args.topk < 1:
@@ -60,8 +60,8 @@ def print_text(r):
         print(f"  {rank}. {prob}  {t['label']}  ({t['index']})", flush=True)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=PROG):
+    args = parse_args(argv, prog)
     cfg = cli.config_from_args(args)
     dcfg = data_config(args.model, args.weights)
     xp_for(args.backend)
@@ -91,7 +91,7 @@ def main(argv=None):
                     files.append(path)
                 except Exception as e:  # noqa: BLE001 - report the file, go on with the others
                     failed += 1
-                    print(f"{PROG}: error: cannot read image {path}: {e}", file=sys.stderr)
+                    print(f"{prog}: error: cannot read image {path}: {e}", file=sys.stderr)
             if not files:
                 continue
             logits = to_numpy(predict(params, to_backend(np.stack(arrays), args.backend), cfg))
@@ -106,7 +106,7 @@ def main(argv=None):
     except KeyboardInterrupt:  # keep the results so far: print them, and say so
         if args.json:
             print(json.dumps(results, indent=2, allow_nan=False))
-        print(f"{PROG}: interrupted after {len(results)} of {len(args.images)} images", file=sys.stderr)
+        print(f"{prog}: interrupted after {len(results)} of {len(args.images)} images", file=sys.stderr)
         return 130
     results, (failed,) = distributed.gather_lists(results), distributed.sum_counts(failed)  # in input order
     if not distributed.is_root():
@@ -121,4 +121,4 @@ def main(argv=None):
 
 def command(argv=None, prog=PROG):
     """Run the command as its shell would: exit status, errors as one line."""
-    return cli.run(main, argv, prog=prog)
+    return cli.run(lambda a: main(a, prog), argv, prog=prog)

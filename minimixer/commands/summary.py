@@ -23,9 +23,11 @@ import numpy as np
 
 from . import cli
 from .. import layers, model
-from ..backend import get_xp, to_backend
+from ..backend import BACKENDS, get_xp, to_backend
 from ..config import param_count
 from ..params import init_params
+
+PROG = "python -m minimixer.summary"
 
 
 # --- counting --------------------------------------------------------------------------------
@@ -199,14 +201,14 @@ def print_profile(prof, *, name, batch_size, backend, dtype, repeats):
 
 # --- command ---------------------------------------------------------------------------------
 
-def parse_args(argv):
-    p = cli.ArgumentParser(prog="python -m minimixer.summary", description=__doc__.split("\n")[0])
+def parse_args(argv, prog=PROG):
+    p = cli.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("name", nargs="?", metavar="MODEL", help="a preset or pretrained tag (default mixer_b16_224)")
     cli.add_model_args(p, default_model="mixer_b16_224")
     p.add_argument("--depth", type=int, choices=[1, 2], default=2, help="1: a row per block; 2: every layer")
     p.add_argument("--profile", action="store_true", help="time forward and backward per layer kind")
     p.add_argument("--batch-size", type=int, default=4, help="--profile's batch (default 4)")
-    p.add_argument("--backend", choices=["numpy", "cupy"], default="numpy")
+    p.add_argument("--backend", choices=BACKENDS, default="numpy")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", action="store_true", help="print the same data as JSON")
@@ -218,8 +220,8 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog=PROG):
+    args = parse_args(argv, prog)
     cfg = cli.config_from_args(args)
     rows = layer_rows(cfg)
     tot = totals(cfg, rows)
@@ -245,6 +247,6 @@ def main(argv=None):
     return 0
 
 
-def command(argv=None, prog="python -m minimixer.summary"):
+def command(argv=None, prog=PROG):
     """Run the command as its shell would: exit status, errors as one line."""
-    return cli.run(main, argv, prog=prog)
+    return cli.run(lambda a: main(a, prog), argv, prog=prog)

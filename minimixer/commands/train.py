@@ -24,16 +24,18 @@ import numpy as np
 from . import cli
 from ..runtime import distributed
 from ..runtime.allocator import keep_freed_memory
-from ..backend import to_backend, xp_for
-from ..config import param_shapes
+from ..backend import BACKENDS, to_backend, xp_for
+from ..config import as_pair, param_shapes
 from ..data import (ArrayLoader, ImageLoader, digits_split, eval_transform, find_images, open_image, read_class_map,
                     train_transform)
 from ..optim import SCHEDULES
 from ..params import init_params
+from ..training.loop import Interrupted, fit
+from ..training.settings import OPTIMIZERS, SETTING_RULES, TrainSettings, setting_problem
 from ..training.transfer import describe_frozen, frozen_names, reset_head
 from ..checkpoints.convert import check_numerics, read_checkpoint
-from ..training.loop import OPTIMIZERS, SETTING_RULES, Interrupted, TrainSettings, fit, load_checkpoint, setting_problem
 from ..checkpoints.resize import fit_to, resized_config
+from ..checkpoints.training_state import load_training_state
 from ..checkpoints.safetensors_io import check_state_dict, check_writable
 from ..checkpoints.preprocessing import DataConfig
 
@@ -70,12 +72,12 @@ def positive_int(text):
     return int(text)
 
 
-def build_parser():
+def build_parser(prog=PROG):
     """The parser, and {dest: the flag's spellings} for messages ('--label-smoothing/--smoothing').
 
     Every training flag defaults to None, so that what was typed can be told from a default;
     TrainSettings holds the defaults. timm's spellings are aliases in the same definition."""
-    p = cli.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     cli.add_model_args(p, default_model=None)
     spellings = {}
 
@@ -114,7 +116,7 @@ def build_parser():
         add(g, *names, dest=dest, metavar=None if choices else dest.upper(), choices=choices,
             type=None if choices else setting_type(dest), help=f"{help} ({default})" if help else f"({default})")
     r = p.add_argument_group("run")
-    add(r, "--backend", choices=["numpy", "cupy"], default="numpy")
+    add(r, "--backend", choices=BACKENDS, default="numpy")
     add(r, "--dtype", choices=["float32", "float64"], help="(default float32)")
     add(r, "--out", "--output", help="output folder (default runs/<model>); unlike timm's --output, "
                                      "the files go in this folder itself")
@@ -244,10 +246,6 @@ def init_from(path, cfg, dtype, seed):
 
 # --- resume ------------------------------------------------------------------------------------
 
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-
 def resume_conflict(args, spellings, state, path):
     """The first flag the user gave that contradicts the checkpoint, as one line, or None."""
     cfg, settings = state["config"], state["settings"]
@@ -265,7 +263,7 @@ def resume_conflict(args, spellings, state, path):
         elif dest in cli.OVERRIDES:
             theirs = getattr(cfg, dest)
             if dest in ("img_size", "mlp_ratio"):
-                value, theirs = _pair(value), _pair(theirs)
+                value, theirs = as_pair(value), as_pair(theirs)
         else:
             theirs = getattr(settings, dest)
         if dest == "model" and theirs is None:
@@ -345,15 +343,15 @@ def unlock_out():
 
 # --- main --------------------------------------------------------------------------------------
 
-def main(argv=None):
+def main(argv=None, prog=PROG):
     """Exit 130 and one line on Ctrl-C, wherever it comes."""
     try:
-        return train(argv)
+        return train(argv, prog)
     except Interrupted as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
+        print(f"{prog}: {e}", file=sys.stderr)
         return 128 + (getattr(e, "signum", None) or 2)  # 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted before training started; nothing was written", file=sys.stderr)
+        print(f"{prog}: interrupted before training started; nothing was written", file=sys.stderr)
         return 130
     finally:
         unlock_out()  # the lock ends with the command (in-process callers may train again)
@@ -364,7 +362,7 @@ def resumed_run(args, spellings, out):
     path = os.path.join(out, "checkpoint.safetensors") if args.resume == "auto" else args.resume
     if not os.path.exists(path):
         raise cli.UserError(f"--resume: no checkpoint at {path}")
-    resume = load_checkpoint(path)
+    resume = load_training_state(path)
     conflict = resume_conflict(args, spellings, resume, path)
     if conflict:
         raise cli.UserError(conflict)
@@ -431,8 +429,8 @@ def check_resumed_data(resume, data, info, steps_per_epoch, settings):
     return resume["step"] >= settings.epochs * steps_per_epoch and not resume["partial_epoch"]["seen"]
 
 
-def train(argv):
-    parser, spellings = build_parser()
+def train(argv, prog=PROG):
+    parser, spellings = build_parser(prog)
     args = parser.parse_args(argv)
     xp_for(args.backend)  # fail early and clearly without a GPU
     keep_freed_memory()  # each step reuses the last one's freed activations instead of faulting them in
@@ -484,4 +482,4 @@ def train(argv):
 
 def command(argv=None, prog=PROG):
     """Run the command as its shell would: exit status, errors as one line."""
-    return cli.run(main, argv, prog=prog)
+    return cli.run(lambda a: main(a, prog), argv, prog=prog)

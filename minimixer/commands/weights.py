@@ -18,15 +18,16 @@ from ..checkpoints.convert import convert, describe
 from ..checkpoints.resize import METHODS, resize_file
 from ..checkpoints.registry import CHECKPOINTS, PREPROCESSING, WeightsNotFound, download, local_name, resolve
 from ..checkpoints.safetensors_io import atomic_copy
+from ..layers import GELU_FORMS
 from .cli import ArgumentParser, run
 
 PROG = "python -m minimixer.weights"
 
 
-def main(argv=None):
+def main(argv=None, prog=PROG):
     """python -m minimixer.weights download NAME [--to DIR] | list | convert SRC --out DST
     | resize SRC --img-size S --out DST"""
-    p = ArgumentParser(prog=PROG, description="pretrained Mixer weights")
+    p = ArgumentParser(prog=prog, description="pretrained Mixer weights")
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="fetch a checkpoint (the Hugging Face hub, or the original file)")
     d.add_argument("model", help="e.g. mixer_b16_224, mixer_l16_224.goog_in21k or mixer_b16_224.mmpretrain")
@@ -43,7 +44,7 @@ def main(argv=None):
     c.add_argument("--img-size", type=int, nargs="+", metavar="H [W]",
                    help="the input size, for a patch grid that is not square")
     c.add_argument("--ln-eps", type=float, help="record this LayerNorm eps (default: the source's; 1e-6 for timm)")
-    c.add_argument("--gelu", choices=["erf", "tanh"], help="record this GELU (default: the source's; erf for timm)")
+    c.add_argument("--gelu", choices=GELU_FORMS, help="record this GELU (default: the source's; erf for timm)")
     c.add_argument("--use-ema", action="store_true", help="a timm training checkpoint's EMA weights (state_dict_ema)")
     c.add_argument("--preprocessing", choices=list(PREPROCESSING),
                    help="record this input pipeline (default: the source's own; none for timm files)")
@@ -91,7 +92,7 @@ def main(argv=None):
                 convert(path, dest, like=resolve(args.model)[0])
             path = dest
     except (WeightsNotFound, ValueError, OSError) as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     print(path)
     return 0
@@ -107,6 +108,6 @@ def list_checkpoints():
     return 0
 
 
-def command(argv=None, prog="python -m minimixer.weights"):
+def command(argv=None, prog=PROG):
     """Run the command as its shell would: exit status, errors as one line."""
-    return run(main, argv, prog=prog)
+    return run(lambda a: main(a, prog), argv, prog=prog)

@@ -36,7 +36,16 @@ def forward(params, x, cfg, *, drop_path_rate=0.0, drop_rate=0.0, rng=None):
 
 
 def backward(dlogits, cache, *, need_dx=False):
-    """Returns (grads, dx or None), as the full minimixer's fast.backward does."""
+    """Returns (dx or None, grads), as the full minimixer's fast.backward does."""
     from ..model import mixer_backward
     dx, grads = mixer_backward(dlogits, cache)
-    return grads, (dx if need_dx else None)
+    return (dx if need_dx else None), grads
+
+
+def split_batch(B):
+    """One share: the student edition runs the whole batch in one thread."""
+    return [(0, B)]
+
+
+def run_shares(fn, spans):
+    return [fn(*span) for span in spans]

@@ -9,7 +9,7 @@ images (B, C, H, W) float32, normalized, and labels (B,) int64.
     transforms.py  timm's eval and training transforms
     labels.py      label files for flat folders
 """
-from .digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, digits_split, load_digits, normalize_digits  # noqa: F401
+from .digits import DIGITS_MEAN, DIGITS_STD, digits_split, load_digits, normalize_digits  # noqa: F401
 from .folders import (IMG_EXTENSIONS, check_pixels, class_order, find_images, natural_key,  # noqa: F401
                       open_image, strict_pixel_limit)
 from .labels import WNID, read_class_map, read_label_file  # noqa: F401

@@ -5,7 +5,6 @@ from importlib import resources
 import numpy as np
 
 DIGITS_MEAN, DIGITS_STD = 0.5, 0.5
-DIGITS_CLASSES = [str(i) for i in range(10)]
 
 
 def load_digits():

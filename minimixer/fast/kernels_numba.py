@@ -1,15 +1,14 @@
 """Fused elementwise kernels for the fast path on the CPU, compiled by Numba (the `fast` extra).
 
 Why they exist: NumPy runs one operation per pass over memory, so the exact GELU costs about 17
-passes over every hidden activation (about 2.6 ns per float32 element) and LayerNorm about 8.
-Each kernel here is one loop: it loads a value once, does all the arithmetic in registers and
-stores the result, and LLVM vectorizes the loop (8 float32 lanes). GELU drops to about 0.5 ns
-per element in cache (out of cache, see `staged` below), LayerNorm to 0.3, and AdamW makes one
-pass over each parameter and its moments instead of about ten. Every constant is written in the
-arrays' dtype: one Python int or float in a float32 loop makes it compute in float64, at half speed.
+passes over every hidden activation and LayerNorm about 8. Each kernel here is one loop: it loads
+a value once, does all the arithmetic in registers and stores the result, and LLVM vectorizes the
+loop (8 float32 lanes); AdamW makes one pass over each parameter and its moments instead of about
+ten (docs/speed-notes.md has the timings). Every constant is written in the arrays' dtype: one
+Python int or float in a float32 loop makes it compute in float64, at half speed.
 
 The math is the math of layers.py and erf.py:
-- float32 GELU uses erf.py's Abramowitz & Stegun 7.1.26, in the form fast.py uses:
+- float32 GELU uses erf.py's Abramowitz & Stegun 7.1.26, in the form kernels.py uses:
   gelu(v) = relu(v) - |v|·q and gelu'(v) = Φ(v) + v·φ(v), with q = Φ(-|v|) = P(t)·exp(-v²/2).
   exp is written out (Cody-Waite range reduction, a degree-7 Taylor polynomial; relative error
   ≤ 3e-7, 2.5 float32 ulp), because LLVM cannot vectorize a call to libm's expf.
@@ -17,7 +16,7 @@ The math is the math of layers.py and erf.py:
 - fastmath allows reassociation (vectorized sums) and contraction (fused multiply-add), but not
   'nnan' or 'ninf': a NaN or an infinity still comes out as one.
 
-fast.py calls these on row chunks from its worker threads; every kernel releases the GIL.
+kernels.py calls these on row chunks from its worker threads; every kernel releases the GIL.
 Shape legend: R rows, C columns (a chunk of the (M, D) residual stream or of a hidden layer).
 """
 import math
@@ -89,11 +88,10 @@ def gelu_and_grad_f64(v):
     return v * cdf, cdf + v * math.exp(-0.5 * v * v) * INV_SQRT_2PI
 
 
-# The GELU kernels first copy each row into `staged` (C,), then compute from there, in L1. On a
+# The GELU kernels first copy each row into `staged` (C,), then compute from there, in L1: on a
 # chunk that has left L2, the long GELU loop (about 30 vector instructions per 8 floats) keeps too
-# few loads in flight and waited on memory: 1.0-2.0 ns per element on 38 MB against 0.5 in cache.
-# The plain copy loop streams the row at memory speed. Measured: 0.72-0.75 ns per element on 38 MB,
-# 0.02 ns more in cache; B/16 inference at batch 16 and 64, 11.53 -> 11.87 and 11.39 -> 11.91 img/s.
+# few loads in flight and waits on memory, while the plain copy loop streams the row at memory
+# speed (docs/speed-notes.md, "Staging GELU rows").
 
 def _bias_gelu_kernel(gelu):
     """x <- gelu(x + bias) in place; bias is (C,), or (R,) with bias_per_row."""

@@ -3,11 +3,9 @@ commands and the bench), not part of the model. Without glibc (macOS, Windows, m
 functions change nothing and return False.
 
 Why it matters: a forward pass allocates its activations afresh (for training, the ones it keeps for
-backward: 564 MB for Mixer-S/32 at batch 32) and frees them when the step ends. By default glibc
-gives large freed blocks back to the system, from each worker thread's own arena, and the next step
-takes them back one 4 KB page fault at a time. Measured on the Mixer-S/32 training step, 9 steps
-after warm-up, in two runs each: 8,500-10,300 faults and 0.07 s of kernel time per step by default;
-0-240 faults and under 0.005 s with keep_freed_memory; median 41.9-42.0 -> 44.0-44.2 img/s.
+backward) and frees them when the step ends. By default glibc gives large freed blocks back to the
+system, from each worker thread's own arena, and the next step takes them back one 4 KB page fault
+at a time (docs/speed-notes.md, "Keeping freed memory", has the counts).
 """
 import ctypes
 

@@ -103,7 +103,7 @@ class SliceOfBatchRng:
     """Stands in for a step's numpy Generator on one rank: every draw is made for the whole
     global batch, shape (B, ...), and the rank keeps its rows. So each sample's dropout and
     drop_path mask is the one it gets in a single process, whatever the number of ranks.
-    (layers._keep_mask draws all masks with rng.random((B, ...)).)"""
+    (layers.keep_mask draws all masks with rng.random((B, ...)).)"""
 
     def __init__(self, rng, rows, batch):
         self.rng, self.rows, self.batch = rng, rows, batch

@@ -1,13 +1,30 @@
-"""The worker threads the CPU fast paths share (fast.py's row chunks and batch shares, optim's
+"""The worker threads the CPU fast paths share (fast/rows.py's row chunks and batch shares, optim's
 per-parameter updates). NumPy's ufuncs, BLAS and Numba's kernels release the GIL, so Python
 threads give real parallelism here."""
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 _pool = None
 _pool_lock = threading.Lock()
-local = threading.local()  # per thread: `serial` (already inside a share: no more hand-offs), scratch buffers
+local = threading.local()  # per thread: scratch buffers (fast/rows.py), and whether serial() is on
+
+
+@contextmanager
+def serial():
+    """Run this thread's work in this thread, with no hand-offs to the pool: it already is one
+    share of a larger job (the fast path's batch shares), and the other cores are busy with the rest."""
+    before = getattr(local, "serial", False)
+    local.serial = True
+    try:
+        yield
+    finally:
+        local.serial = before
+
+
+def is_serial():
+    return getattr(local, "serial", False)
 
 
 def num_threads():
@@ -29,7 +46,7 @@ def executor():
 def parallel_map(fn, items):
     """fn over items on the pool, for independent ufunc-heavy jobs (in order)."""
     items = list(items)
-    if num_threads() == 1 or len(items) < 2 or getattr(local, "serial", False):
+    if num_threads() == 1 or len(items) < 2 or is_serial():
         return [fn(i) for i in items]
     return list(executor().map(fn, items))
 

@@ -402,7 +402,7 @@ class ElementwiseKernel:
     def __init__(self, in_params, out_params, operation, name="kernel", reduce_dims=True, preamble="", **kwargs):
         if name not in KERNEL_EMULATIONS:
             raise NotImplementedError(f"fake_cupy has no NumPy emulation of kernel {name!r}: add one to "
-                                      "tests/fake_cupy.py KERNEL_EMULATIONS")
+                                      "tests/support/fake_cupy.py KERNEL_EMULATIONS")
         self.in_params, self.out_params = _params(in_params), _params(out_params)
         self.operation, self.name, self.preamble = operation, name, preamble
 
