@@ -396,8 +396,12 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
     """
     xp = get_xp(logits, labels)
     B, K = logits.shape
-    target = _targets(labels, B, K, logits.dtype)  # (B, K) one-hot rows, or the soft targets
+    labels = _checked_labels(labels, B, K)  # (B,) int64 class indices, or (B, K) soft targets
     ### BEGIN SOLUTION
+    if labels.ndim == 1:
+        target = (labels[:, None] == xp.arange(K)).astype(logits.dtype)  # (B, K) one-hot; all 0 outside [0, K)
+    else:
+        target = labels.astype(logits.dtype, copy=False)  # (B, K)
     if label_smoothing:
         target = target * (1.0 - label_smoothing) + label_smoothing / K  # (B, K)
     shifted = logits - logits.max(axis=1, keepdims=True)  # (B, K) stable: exp(<= 0)
@@ -411,17 +415,16 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
     return _checked_loss(loss, labels, B, K), dlogits
 
 
-def _targets(labels, B, K, dtype):
-    """(B, K) targets: one-hot rows for class indices (all 0 for an index outside [0, K), which
-    _checked_loss reports), or the soft targets as given."""
+def _checked_labels(labels, B, K):
+    """Class indices (B,) as int64, or soft targets (B, K) as given; any other shape is an error."""
     xp = get_xp(labels)
     if labels.ndim == 1:
         if labels.shape[0] != B:
             raise ValueError(f"got {labels.shape[0]} labels for {B} logits rows")
-        return (labels.astype(xp.int64, copy=False)[:, None] == xp.arange(K)).astype(dtype)  # (B, K)
+        return labels.astype(xp.int64, copy=False)  # (B,)
     if labels.shape != (B, K):
         raise ValueError(f"labels must have shape ({B},) or ({B}, {K}), got {labels.shape}")
-    return labels.astype(dtype, copy=False)  # (B, K)
+    return labels  # (B, K)
 
 
 def _checked_loss(loss, labels, B, K):
@@ -430,8 +433,7 @@ def _checked_loss(loss, labels, B, K):
     xp = get_xp(loss)
     if labels.ndim != 1:
         return float(loss)
-    index = labels.astype(xp.int64, copy=False)  # as _targets reads them
-    in_range = ((index >= 0) & (index < K)).sum()
+    in_range = ((labels >= 0) & (labels < K)).sum()
     loss, in_range = xp.stack([xp.asarray(loss, dtype=xp.float64), in_range.astype(xp.float64)]).tolist()
     if in_range != B:
         low, high = int(labels.min()), int(labels.max())
