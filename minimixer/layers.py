@@ -418,13 +418,13 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0):
 def _checked_labels(labels, B, K):
     """Class indices (B,) as int64, or soft targets (B, K) as given; any other shape is an error."""
     xp = get_xp(labels)
-    if labels.ndim == 1:
-        if labels.shape[0] != B:
-            raise ValueError(f"got {labels.shape[0]} labels for {B} logits rows")
-        return labels.astype(xp.int64, copy=False)  # (B,)
-    if labels.shape != (B, K):
-        raise ValueError(f"labels must have shape ({B},) or ({B}, {K}), got {labels.shape}")
-    return labels  # (B, K)
+    if labels.ndim != 1:
+        if labels.shape != (B, K):
+            raise ValueError(f"labels must have shape ({B},) or ({B}, {K}), got {labels.shape}")
+        return labels  # (B, K)
+    if labels.shape[0] != B:
+        raise ValueError(f"got {labels.shape[0]} labels for {B} logits rows")
+    return labels.astype(xp.int64, copy=False)  # (B,)
 
 
 def _checked_loss(loss, labels, B, K):

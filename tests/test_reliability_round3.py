@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import minimixer as mm
 import minimixer.commands.eval as meval
-from minimixer import data
+from minimixer import data, fast
 from minimixer.commands import cli
 from test_eval import COLOR_ARGS, color_model, write_image
 
@@ -347,14 +347,14 @@ def test_item3_real_sigterm_from_outside_writes_a_checkpoint(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_item3_eval_under_sigterm_prints_partial_results(tmp_path, monkeypatch, capsys, guarded, sig):
     calls = []
-    real = meval.predict
+    real = fast.predict  # what evaluate calls
 
     def predict(*a, **kw):
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), sig)
         return real(*a, **kw)
-    monkeypatch.setattr(meval, "predict", predict)
+    monkeypatch.setattr(fast, "predict", predict)
     out_file = tmp_path / "r.json"
     assert run_eval("--no-progress", "-b", "32", "--results-file", str(out_file)) == 128 + sig
     out, err = capsys.readouterr()
@@ -411,7 +411,7 @@ def test_item4_second_training_into_the_same_out_fails_at_once(tmp_path, capsys)
         first.communicate(timeout=60)
     # the lock ends with the process: now a training into it works
     assert train_in_process("--out", str(out), "--resume", "--stop-after", str(
-        __import__("minimixer.training.loop", fromlist=["x"]).load_checkpoint(str(out / "checkpoint.safetensors"))["step"] + 1),
+        __import__("minimixer.checkpoints.training_state", fromlist=["x"]).load_training_state(str(out / "checkpoint.safetensors"))["step"] + 1),
         "--no-progress") == 0
 
 
@@ -543,7 +543,7 @@ def test_item7_interrupted_eval_keeps_the_complete_results_file(tmp_path, monkey
     out_file = tmp_path / "r.csv"
     assert run_eval("--no-progress", "--results-file", str(out_file)) == 0
     complete = out_file.read_bytes()
-    real = meval.predict
+    real = fast.predict  # what evaluate calls
     calls = []
 
     def predict(*a, **kw):
@@ -551,7 +551,7 @@ def test_item7_interrupted_eval_keeps_the_complete_results_file(tmp_path, monkey
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
-    monkeypatch.setattr(meval, "predict", predict)
+    monkeypatch.setattr(fast, "predict", predict)
     assert run_eval("--no-progress", "--results-file", str(out_file)) == 130
     assert out_file.read_bytes() == complete
     partial = (tmp_path / "r.partial.csv").read_text().splitlines()

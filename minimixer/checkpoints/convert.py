@@ -50,6 +50,9 @@ SOURCES = {
 }
 
 
+FORMATS = {"safetensors": "a safetensors file", "pth": "a torch .pth", "npz": "a NumPy .npz"}  # for messages
+
+
 class NumericsWarning(UserWarning):
     """The config's ln_eps/gelu differ from those the weights were made with."""
 

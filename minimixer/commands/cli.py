@@ -94,7 +94,8 @@ def run(main, argv=None, prog="minimixer"):
         try:
             return stopped.status(main(argv))
         except KeyboardInterrupt:
-            print(f"{prog}: interrupted" + (f" ({signal_name(stopped.signum)})" if stopped.signum else ""),
+            named = stopped.signum not in (None, signal.SIGINT)  # Ctrl-C says only "interrupted", as before
+            print(f"{prog}: interrupted" + (f" ({signal_name(stopped.signum)})" if named else ""),
                   file=sys.stderr)
             return stopped.status(130)
         except MemoryError as e:  # NumPy's names the size: "Unable to allocate 112. GiB for an array ..."
@@ -154,6 +155,19 @@ def notes_as_lines(prog):
     with warnings.catch_warnings():
         warnings.showwarning = show
         yield
+
+
+def load_model_weights(args, cfg):
+    """(path, params): the weights that --model and --weights name (one line if none is found),
+    loaded for cfg on --backend (eval's and predict's shared first step)."""
+    from ..checkpoints.convert import load_weights
+    from ..checkpoints.registry import WeightsNotFound, find_weights
+    try:
+        weights = find_weights(args.model, args.weights)
+    except WeightsNotFound as e:
+        raise UserError(str(e)) from None
+    return weights, load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite,
+                                 use_ema=args.use_ema)
 
 
 def add_weights_args(p):

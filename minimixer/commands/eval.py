@@ -24,9 +24,8 @@ from ..backend import BACKENDS, xp_for
 from ..config import param_count
 from ..data import (IMG_EXTENSIONS, WNID, ArrayLoader, ImageLoader, digits_split, eval_transform, find_images,
                    read_class_map, read_label_file, strict_pixel_limit)
-from ..checkpoints.registry import WeightsNotFound, data_config, find_weights, imagenet_classes
+from ..checkpoints.registry import data_config, imagenet_classes
 from ..training.metrics import Tally, evaluate
-from ..checkpoints.convert import load_weights
 from ..checkpoints.safetensors_io import atomic_write_bytes, check_writable
 
 RESULT_COLUMNS = ["model", "top1", "top1_err", "top5", "top5_err", "param_count", "img_size", "crop_pct",
@@ -250,12 +249,7 @@ def main(argv=None, prog=PROG):
 
     notes = []
     loader, total = build_loader(args, cfg, dcfg, on_error, on_skip, notes)
-    try:
-        weights = find_weights(args.model, args.weights)
-    except WeightsNotFound as e:
-        raise cli.UserError(str(e)) from None
-    params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite,
-                          use_ema=args.use_ema)
+    weights, params = cli.load_model_weights(args, cfg)
 
     bar = None
     if not args.no_progress and distributed.is_root():

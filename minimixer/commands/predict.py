@@ -18,8 +18,7 @@ from ..runtime import distributed
 from ..backend import BACKENDS, to_backend, to_numpy, xp_for
 from ..data import eval_transform, open_image, strict_pixel_limit
 from ..fast import predict
-from ..checkpoints.registry import WeightsNotFound, class_names, data_config, find_weights
-from ..checkpoints.convert import load_weights
+from ..checkpoints.registry import class_names, data_config
 
 PROG = "python -m minimixer.predict"
 
@@ -66,12 +65,7 @@ def main(argv=None, prog=PROG):
     dcfg = data_config(args.model, args.weights)
     xp_for(args.backend)
     strict_pixel_limit()
-    try:
-        weights = find_weights(args.model, args.weights)
-    except WeightsNotFound as e:
-        raise cli.UserError(str(e)) from None
-    params = load_weights(weights, cfg, backend=args.backend, allow_nonfinite=args.allow_nonfinite,
-                          use_ema=args.use_ema)
+    weights, params = cli.load_model_weights(args, cfg)
     names = class_names(args.model, cfg.num_classes, weights)
     transform = eval_transform(cfg.image_hw[0], crop_pct=dcfg.crop_pct, interpolation=dcfg.interpolation,
                                mean=dcfg.mean, std=dcfg.std, pipeline=dcfg.pipeline)

@@ -15,7 +15,6 @@ chosen backend: the table that shows channel mixing is most of the cost.
 """
 import json
 import statistics
-import sys
 import time
 from contextlib import contextmanager
 

@@ -41,7 +41,7 @@ def _add_common(g):
                         "weak: Landlock, rlimits and an audit hook only (says what does not hold)")
 
 
-def _main(argv=None, prog=PROG):
+def build_parser(prog=PROG):
     p = ArgumentParser(prog=prog, description="MLP-Mixer coursework (instructors)")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("release", help="write the student edition (the package without the solutions)")
@@ -74,7 +74,11 @@ def _main(argv=None, prog=PROG):
     a = sub.add_parser("gradescope", help="build a Gradescope autograder zip (setup.sh, run_autograder, the package)")
     a.add_argument("--out", required=True, metavar="ZIP")
     _add_common(a)
-    args = p.parse_args(argv)
+    return p
+
+
+def _main(argv=None, prog=PROG):
+    args = build_parser(prog).parse_args(argv)
     if args.command == "release":
         for path in release(args.out, args.force):
             print(path)
@@ -93,29 +97,39 @@ def _main(argv=None, prog=PROG):
     policy = _policy(args)
     roster = gradebook.read_roster(args.roster) if args.roster else None
     if args.batch:
-        if args.folder:
-            raise UserError("give either a submission folder or --batch DIR, not both")
-        if args.results_json or args.student or args.json:
-            raise UserError("--results-json, --student and --json grade one submission folder, not --batch")
-        if not os.path.isdir(args.batch):
-            raise UserError(f"no such folder: {args.batch}")
-        csv_path = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.batch)), "grades.csv")
-        _check_csv(csv_path)
-        start = time.monotonic()
-        previous = signal.signal(signal.SIGTERM, _terminate)
-        try:
-            results = grade_batch(args.batch, csv_path, seed, args.timeout, args.submission_timeout, args.jobs,
-                                  args.feedback, log=sys.stderr, sandbox=args.sandbox, replace=args.replace,
-                                  policy=policy, roster=roster, adjustments=_adjustments(args, csv_path),
-                                  canvas=args.canvas)
-        except KeyboardInterrupt as e:
-            print(f"{prog}: interrupted: {e.args[0] if e.args else 'nothing'} graded; {csv_path} holds them, the "
-                  "rest marked 'not graded (interrupted)' (or kept from before)", file=sys.stderr)
-            return 130
-        finally:
-            signal.signal(signal.SIGTERM, previous)
-        print(f"graded {len(results)} submissions in {time.monotonic() - start:.1f} s (seed {seed}): {csv_path}")
-        return 0
+        return _grade_class(args, seed, policy, roster, prog)
+    return _grade_one(args, seed, policy, roster)
+
+
+def _grade_class(args, seed, policy, roster, prog):
+    """grade --batch DIR: every student folder into the gradebook; Ctrl-C or SIGTERM keeps what was graded."""
+    if args.folder:
+        raise UserError("give either a submission folder or --batch DIR, not both")
+    if args.results_json or args.student or args.json:
+        raise UserError("--results-json, --student and --json grade one submission folder, not --batch")
+    if not os.path.isdir(args.batch):
+        raise UserError(f"no such folder: {args.batch}")
+    csv_path = args.csv or os.path.join(os.path.dirname(os.path.abspath(args.batch)), "grades.csv")
+    _check_csv(csv_path)
+    start = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        results = grade_batch(args.batch, csv_path, seed, args.timeout, args.submission_timeout, args.jobs,
+                              args.feedback, log=sys.stderr, sandbox=args.sandbox, replace=args.replace,
+                              policy=policy, roster=roster, adjustments=_adjustments(args, csv_path),
+                              canvas=args.canvas)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted: {e.args[0] if e.args else 'nothing'} graded; {csv_path} holds them, the "
+              "rest marked 'not graded (interrupted)' (or kept from before)", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(f"graded {len(results)} submissions in {time.monotonic() - start:.1f} s (seed {seed}): {csv_path}")
+    return 0
+
+
+def _grade_one(args, seed, policy, roster):
+    """grade FOLDER: one submission, a table (or JSON), and optionally its gradebook row and results.json."""
     folder = args.folder or "."
     if not os.path.isdir(folder):
         raise UserError(f"no such folder: {folder}")

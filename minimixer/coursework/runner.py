@@ -147,42 +147,24 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, 
             if time.monotonic() >= end:
                 outcomes[name] = {"status": "timeout", "reason": f"not run: the submission's {budget:g} s were spent"}
                 continue
-            phase = "start"
+            state = {"phase": "start"}
             try:
                 deadline = min(time.monotonic() + timeout, end)
                 if child is None:
                     child = _start(edition, overlay, files, sandbox, audit, deadline + 30, wrap,
                                    (budget or timeout * len(jobs)) + 30)  # start-up: not the student's time
                     info["landlock"] = child.landlock
-                child.send(job, deadline)
-                calls = 0
-                while True:
-                    msg = child.receive(deadline)
-                    kind = msg.get("type") if isinstance(msg, dict) else None
-                    if kind == "phase":
-                        phase = msg["phase"]
-                    elif kind == "call":
-                        if time.monotonic() > deadline:
-                            raise protocol.Deadline()
-                        calls += 1
-                        child.send(_serve(msg, job, lent, calls), deadline)
-                    elif kind == "import_error":
-                        outcome = {"status": "ran", "cases": [{"error": msg["reason"], "exit": msg["exit"]}]}
-                        failed_files[job["file"]] = outcomes[name] = outcome
-                        break
-                    elif kind == "result":
-                        outcomes[name] = {"status": "ran", "cases": _checked(msg.get("cases"), job)}
-                        break
-                    else:
-                        raise protocol.ProtocolError("unexpected message")
+                outcomes[name], whole_file = _converse(child, job, lent, deadline, state)
+                if whole_file:
+                    failed_files[job["file"]] = outcomes[name]
             except protocol.Deadline:
                 child.kill()
                 child = None
-                where = f"while importing {job['file']}" if phase in ("start", "import") else f"in {name}"
+                where = f"while importing {job['file']}" if state["phase"] in ("start", "import") else f"in {name}"
                 limit = f"after {timeout:g} s" if time.monotonic() < end else f"(the submission's {budget:g} s were spent)"
                 outcome = {"status": "timeout", "reason": f"timed out {limit} {where} (an endless loop?)"}
                 outcomes[name] = outcome
-                if phase == "import":
+                if state["phase"] == "import":
                     failed_files[job["file"]] = outcome
             except (EOFError, OSError, protocol.ProtocolError) as e:
                 if child is None:
@@ -192,12 +174,12 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, 
                 rc = child.kill()
                 words, wrapped = child.last_words(), child.wrapped
                 child = None
-                where = f"while importing {job['file']}" if phase == "import" else f"in {name}"
+                where = f"while importing {job['file']}" if state["phase"] == "import" else f"in {name}"
                 reason = (_describe_exit(rc, wrapped) if isinstance(e, EOFError) or rc != -signal.SIGKILL
                           else f"the child broke the protocol ({e})")
                 outcome = {"status": "crashed", "reason": f"{reason} {where}{words}"}
                 outcomes[name] = outcome
-                if phase == "import" or not isinstance(e, EOFError) and rc == -signal.SIGKILL:
+                if state["phase"] == "import" or not isinstance(e, EOFError) and rc == -signal.SIGKILL:
                     failed_files[job["file"]] = outcome  # an import-time crash, or tampering: the whole file
         return outcomes, info
     finally:
@@ -208,6 +190,30 @@ def run_jobs(jobs, *, edition, overlay, files, timeout, budget=None, lent=None, 
             except Exception:  # noqa: BLE001 - it is killed below either way
                 pass
             child.kill()
+
+
+def _converse(child, job, lent, deadline, state):
+    """Send one job and serve the child's calls until its answer. Returns (outcome, whole_file):
+    whole_file when the file did not import (each of its exercises then gets that outcome).
+    state["phase"] follows the child's phase messages (start, import, run) for the caller's errors."""
+    child.send(job, deadline)
+    calls = 0
+    while True:
+        msg = child.receive(deadline)
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "phase":
+            state["phase"] = msg["phase"]
+        elif kind == "call":
+            if time.monotonic() > deadline:
+                raise protocol.Deadline()
+            calls += 1
+            child.send(_serve(msg, job, lent, calls), deadline)
+        elif kind == "import_error":
+            return {"status": "ran", "cases": [{"error": msg["reason"], "exit": msg["exit"]}]}, True
+        elif kind == "result":
+            return {"status": "ran", "cases": _checked(msg.get("cases"), job)}, False
+        else:
+            raise protocol.ProtocolError("unexpected message")
 
 
 def _checked(cases, job):

@@ -73,6 +73,8 @@ def train_step(params, opt, x, y, cfg, *, lr, label_smoothing=0.0, clip_grad=0.0
         _, grads = fast.backward(dlogits, cache)
     else:  # more ranks than rows in this batch
         loss, grads = 0.0, {k: get_xp(v).zeros_like(v) for k, v in params.items()}
+    if len(opt.params) < len(grads):  # frozen params: out of the reduction and the clipping norm
+        grads = {k: grads[k] for k in opt.params}
     loss = distributed.allreduce_mean(grads, loss, len(y), total)  # the global batch's mean loss and gradients
     if clip_grad:
         clip_grad_norm(grads, clip_grad, run=parallel_map)
