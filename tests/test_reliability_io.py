@@ -283,7 +283,9 @@ def test_ctrl_c_during_start_up_or_scan_is_one_line_130(colors, capsys, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(meval, where, interrupted)
+    from minimixer.checkpoints import convert, registry
+    owner = {"find_images": meval, "find_weights": registry, "load_weights": convert}[where]  # where eval reaches it
+    monkeypatch.setattr(owner, where, interrupted)
     assert color_eval(root, weights) == 130
     assert stderr_lines(capsys.readouterr().err) == ["python -m minimixer.eval: interrupted"]
 
