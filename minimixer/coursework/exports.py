@@ -53,8 +53,7 @@ set -euo pipefail
 apt-get update
 apt-get install -y python3 python3-venv python3-pip bubblewrap
 python3 -m venv /autograder/venv
-/autograder/venv/bin/pip install "numpy>=1.24" "safetensors>=0.4" "pillow>=9.0" "tqdm>=4.60" \\
-    "huggingface_hub>=0.23" "threadpoolctl>=3.1"
+/autograder/venv/bin/pip install "numpy>=1.24" "safetensors>=0.4" "pillow>=9.0" "tqdm>=4.60" "threadpoolctl>=3.1"
 """
 
 RUN = """#!/usr/bin/env bash

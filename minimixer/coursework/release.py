@@ -211,8 +211,7 @@ name = "minimixer"
 version = "0.1.0+student"
 description = "MLP-Mixer from scratch in NumPy: the student edition (the layers are yours to write)"
 requires-python = ">=3.10"
-dependencies = ["numpy>=1.24", "safetensors>=0.4", "pillow>=9.0", "tqdm>=4.60", "huggingface_hub>=0.23",
-                "threadpoolctl>=3.1"]
+dependencies = ["numpy>=1.24", "safetensors>=0.4", "pillow>=9.0", "tqdm>=4.60", "threadpoolctl>=3.1"]
 
 [project.optional-dependencies]
 notebooks = ["jupyter", "jupytext>=1.14", "matplotlib>=3.6"]
